@@ -1,0 +1,169 @@
+//! JWT authentication as ThingsBoard's API does it: `POST /api/auth/login`
+//! returns an access token and a refresh token (HS256 JWTs); requests carry
+//! `X-Authorization: Bearer <token>`.
+//!
+//! The signing key is generated on first start and kept in the data
+//! directory with 0600 permissions, so tokens survive a restart.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::config::Secret;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const REFRESH_TTL_SECS: u64 = 7 * 24 * 3600;
+
+pub struct Auth {
+    key: Vec<u8>,
+    username: String,
+    password: Secret,
+    token_ttl_secs: u64,
+}
+
+/// A verified token's claims that matter here.
+#[derive(Debug)]
+pub struct Claims {
+    pub subject: String,
+    pub refresh: bool,
+}
+
+impl Auth {
+    /// Loads the signing key from `dir`, creating it on first start.
+    pub fn load(dir: &Path, username: String, password: Secret, token_ttl_secs: u64) -> std::io::Result<Auth> {
+        let path = dir.join("jwt.key");
+        let key = match std::fs::read(&path) {
+            Ok(key) if key.len() >= 32 => key,
+            _ => {
+                let mut key = vec![0u8; 64];
+                rand::rng().fill_bytes(&mut key);
+                write_private(&path, &key)?;
+                key
+            }
+        };
+        Ok(Auth {
+            key,
+            username,
+            password,
+            token_ttl_secs,
+        })
+    }
+
+    /// Checks credentials in constant time with respect to the password.
+    pub fn check_password(&self, username: &str, password: &str) -> bool {
+        let expected = self.password.expose().as_bytes();
+        let given = password.as_bytes();
+        let mut diff = expected.len() ^ given.len();
+        for (i, byte) in expected.iter().enumerate() {
+            diff |= (byte ^ given.get(i).copied().unwrap_or(0)) as usize;
+        }
+        diff == 0 && username == self.username
+    }
+
+    /// A ThingsBoard-style `{token, refreshToken}` pair.
+    pub fn issue(&self, subject: &str) -> Value {
+        json!({
+            "token": self.sign(subject, self.token_ttl_secs, false),
+            "refreshToken": self.sign(subject, REFRESH_TTL_SECS, true),
+        })
+    }
+
+    fn sign(&self, subject: &str, ttl: u64, refresh: bool) -> String {
+        let now = crate::msg::now_millis() / 1000;
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let mut claims = json!({
+            "sub": subject,
+            "iss": "shardflow",
+            "iat": now,
+            "exp": now + ttl as i64,
+            "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        if refresh {
+            claims["scopes"] = json!(["REFRESH_TOKEN"]);
+        } else {
+            claims["scopes"] = json!(["TENANT_ADMIN"]);
+            claims["enabled"] = json!(true);
+            claims["isPublic"] = json!(false);
+        }
+        let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let signing_input = format!("{header}.{payload}");
+        format!("{signing_input}.{}", self.signature(&signing_input))
+    }
+
+    fn signature(&self, input: &str) -> String {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(input.as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    /// Verifies a token's signature and expiry.
+    pub fn verify(&self, token: &str) -> Result<Claims, &'static str> {
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("malformed token");
+        };
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(format!("{header}.{payload}").as_bytes());
+        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "malformed token")?;
+        mac.verify_slice(&signature).map_err(|_| "invalid token signature")?;
+        let claims: Value = URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or("malformed token")?;
+        let exp = claims.get("exp").and_then(Value::as_i64).ok_or("malformed token")?;
+        if exp <= crate::msg::now_millis() / 1000 {
+            return Err("token has expired");
+        }
+        let refresh = claims
+            .get("scopes")
+            .and_then(Value::as_array)
+            .is_some_and(|s| s.iter().any(|v| v == "REFRESH_TOKEN"));
+        Ok(Claims {
+            subject: claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_string(),
+            refresh,
+        })
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_and_tampering_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), 60).unwrap();
+        let pair = auth.issue("u");
+        let token = pair["token"].as_str().unwrap();
+        assert!(!auth.verify(token).unwrap().refresh);
+        assert!(auth.verify(pair["refreshToken"].as_str().unwrap()).unwrap().refresh);
+        let forged = token.replacen('.', ".e", 1);
+        assert!(auth.verify(&forged).is_err());
+        assert!(auth.check_password("u", "p"));
+        assert!(!auth.check_password("u", "q"));
+        assert!(!auth.check_password("u", "pp"));
+    }
+}

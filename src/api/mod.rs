@@ -1,0 +1,533 @@
+//! The HTTP API: the subset of ThingsBoard's REST API that the walkthrough
+//! and the `tb-rest-client` Python package use, with the same paths and JSON
+//! shapes, plus `/health`, `/ready` and `/metrics`.
+//!
+//! The API reads the store and, for attribute saves, hands an
+//! ATTRIBUTES_UPDATED message to the rule engine. `/api/...` needs a token;
+//! the probes and metrics do not.
+
+pub mod auth;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::chain::RuleEngine;
+use crate::delivery::{SourceRecord, Ticket};
+use crate::ingest::{entity_json, entity_metadata};
+use crate::msg::{self, EntityId, EntityType, TbMsg};
+use crate::status::StatusBoard;
+use crate::store::{Entity, KvValue, Scope, Store, TsValue, Write};
+use auth::Auth;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub engine: RuleEngine,
+    pub auth: Arc<Auth>,
+    pub status: StatusBoard,
+}
+
+/// An API error in ThingsBoard's shape: `{status, message, errorCode}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    code: u16,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            code: 31,
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            code: 32,
+        }
+    }
+
+    fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            code: 10,
+        }
+    }
+
+    fn internal(error: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %error, "API request failed");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "internal error; see the service log".into(),
+            code: 2,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "status": self.status.as_u16(),
+            "message": self.message,
+            "errorCode": self.code,
+            "timestamp": msg::now_millis(),
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The router with every route.
+pub fn router(state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/api/auth/user", get(current_user))
+        .route("/api/tenant/devices", get(tenant_devices))
+        .route("/api/tenant/device", get(tenant_device_by_name))
+        .route("/api/tenant/assets", get(tenant_assets))
+        .route("/api/device/{id}", get(device_by_id))
+        .route(
+            "/api/plugins/telemetry/{entity_type}/{entity_id}/values/timeseries",
+            get(latest_timeseries),
+        )
+        .route(
+            "/api/plugins/telemetry/{entity_type}/{entity_id}/keys/timeseries",
+            get(timeseries_keys),
+        )
+        .route(
+            "/api/plugins/telemetry/{entity_type}/{entity_id}/values/attributes",
+            get(all_attributes),
+        )
+        .route(
+            "/api/plugins/telemetry/{entity_type}/{entity_id}/values/attributes/{scope}",
+            get(scope_attributes),
+        )
+        .route(
+            "/api/plugins/telemetry/{entity_type}/{entity_id}/attributes/{scope}",
+            post(save_entity_attributes),
+        )
+        .route(
+            "/api/plugins/telemetry/{entity_type}/{entity_id}/{scope}",
+            post(save_entity_attributes),
+        )
+        .route("/api/plugins/telemetry/{device_id}/{scope}", post(save_device_attributes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+
+    Router::new()
+        .route("/api/auth/login", post(login))
+        .route("/api/auth/token", post(refresh))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let token = request
+        .headers()
+        .get("x-authorization")
+        .or_else(|| request.headers().get("authorization"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        return ApiError::unauthorized("Authentication failed: X-Authorization: Bearer <token> is missing")
+            .into_response();
+    };
+    match state.auth.verify(token) {
+        Ok(claims) if !claims.refresh => next.run(request).await,
+        Ok(_) => ApiError::unauthorized("a refresh token cannot be used for API calls").into_response(),
+        Err(reason) => {
+            let mut error = ApiError::unauthorized(format!("Authentication failed: {reason}"));
+            if reason.contains("expired") {
+                error.code = 11;
+            }
+            error.into_response()
+        }
+    }
+}
+
+fn json_body(body: &Bytes) -> ApiResult<Value> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+}
+
+async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
+    let body = json_body(&body)?;
+    let username = body.get("username").and_then(Value::as_str).unwrap_or_default();
+    let password = body.get("password").and_then(Value::as_str).unwrap_or_default();
+    if !state.auth.check_password(username, password) {
+        return Err(ApiError::unauthorized("Invalid username or password"));
+    }
+    Ok(Json(state.auth.issue(username)))
+}
+
+async fn refresh(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
+    let body = json_body(&body)?;
+    let token = body.get("refreshToken").and_then(Value::as_str).unwrap_or_default();
+    match state.auth.verify(token) {
+        Ok(claims) if claims.refresh => Ok(Json(state.auth.issue(&claims.subject))),
+        Ok(_) => Err(ApiError::unauthorized("not a refresh token")),
+        Err(reason) => Err(ApiError::unauthorized(format!("Authentication failed: {reason}"))),
+    }
+}
+
+async fn current_user(headers: HeaderMap, State(state): State<ApiState>) -> ApiResult<Json<Value>> {
+    let subject = headers
+        .get("x-authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|t| state.auth.verify(t).ok())
+        .map(|c| c.subject)
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "email": subject,
+        "name": subject,
+        "authority": "TENANT_ADMIN",
+    })))
+}
+
+/// Query parameters; repeated names keep every value.
+fn query(raw: Option<String>) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        map.entry(k.into_owned()).or_default().push(v.into_owned());
+    }
+    map
+}
+
+fn first<'a>(q: &'a BTreeMap<String, Vec<String>>, key: &str) -> Option<&'a str> {
+    q.get(key).and_then(|v| v.first()).map(String::as_str)
+}
+
+/// Keys from `keys=a,b` and `key=a&key=b`.
+fn keys(q: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+    let mut keys: Vec<String> = q
+        .get("keys")
+        .into_iter()
+        .flatten()
+        .flat_map(|v| v.split(','))
+        .chain(q.get("key").into_iter().flatten().map(String::as_str))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+        .collect();
+    keys.dedup();
+    keys
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+}
+
+async fn tenant_devices(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    let q = query(raw);
+    if let Some(name) = first(&q, "deviceName") {
+        return device_by_name(&state, name).map(Json);
+    }
+    list_entities(state, EntityType::Device, q).await
+}
+
+async fn tenant_assets(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    let q = query(raw);
+    if let Some(name) = first(&q, "assetName") {
+        return state
+            .store
+            .entity_by_name(EntityType::Asset, name)
+            .map(|e| Json(entity_json(&e)))
+            .ok_or_else(|| ApiError::not_found(format!("Asset with name [{name}] is not found")));
+    }
+    list_entities(state, EntityType::Asset, q).await
+}
+
+async fn tenant_device_by_name(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+    let q = query(raw);
+    let name = first(&q, "deviceName").ok_or_else(|| ApiError::bad_request("deviceName is required"))?;
+    device_by_name(&state, name).map(Json)
+}
+
+fn device_by_name(state: &ApiState, name: &str) -> ApiResult<Value> {
+    state
+        .store
+        .entity_by_name(EntityType::Device, name)
+        .map(|e| entity_json(&e))
+        .ok_or_else(|| ApiError::not_found(format!("Device with name [{name}] is not found")))
+}
+
+async fn list_entities(
+    state: ApiState,
+    entity_type: EntityType,
+    q: BTreeMap<String, Vec<String>>,
+) -> ApiResult<Json<Value>> {
+    let number = |key: &str, default: usize| -> ApiResult<usize> {
+        match first(&q, key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("{key} must be a non-negative integer"))),
+        }
+    };
+    let page_size = number("pageSize", 10)?.clamp(1, 10_000);
+    let page = number("page", 0)?;
+    let text_search = first(&q, "textSearch").map(str::to_string);
+    let wanted_type = first(&q, "type").filter(|t| !t.is_empty()).map(str::to_string);
+    let store = state.store.clone();
+    let all = blocking(move || {
+        store
+            .entities(entity_type, text_search.as_deref())
+            .map_err(ApiError::internal)
+    })
+    .await?;
+    let all: Vec<Entity> = all
+        .into_iter()
+        .filter(|e| wanted_type.as_ref().is_none_or(|t| &e.profile == t))
+        .collect();
+    let total = all.len();
+    let data: Vec<Value> = all.iter().skip(page * page_size).take(page_size).map(entity_json).collect();
+    Ok(Json(json!({
+        "data": data,
+        "totalPages": total.div_ceil(page_size),
+        "totalElements": total,
+        "hasNext": (page + 1) * page_size < total,
+    })))
+}
+
+async fn device_by_id(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let entity = find_entity(&state, "DEVICE", &id)?;
+    Ok(Json(entity_json(&entity)))
+}
+
+fn find_entity(state: &ApiState, entity_type: &str, id: &str) -> ApiResult<Entity> {
+    let entity_type = EntityType::parse(entity_type)
+        .ok_or_else(|| ApiError::bad_request(format!("unsupported entity type {entity_type:?}; use DEVICE or ASSET")))?;
+    let uuid = Uuid::parse_str(id).map_err(|_| ApiError::bad_request(format!("{id:?} is not a valid UUID")))?;
+    state
+        .store
+        .entity(uuid)
+        .map_err(ApiError::internal)?
+        .filter(|e| e.id.entity_type == entity_type)
+        .ok_or_else(|| ApiError::not_found(format!("{} with id [{id}] is not found", entity_type.as_str())))
+}
+
+async fn latest_timeseries(
+    State(state): State<ApiState>,
+    Path((entity_type, entity_id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Value>> {
+    let entity = find_entity(&state, &entity_type, &entity_id)?;
+    let q = query(raw);
+    let strict = first(&q, "useStrictDataTypes").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let keys = keys(&q);
+    let store = state.store.clone();
+    let values = blocking(move || store.latest(entity.id, &keys).map_err(ApiError::internal)).await?;
+    let mut out = Map::new();
+    for v in values {
+        let value = if strict { v.value.to_json() } else { Value::String(v.value.to_text()) };
+        out.insert(v.key, json!([{"ts": v.ts, "value": value}]));
+    }
+    Ok(Json(Value::Object(out)))
+}
+
+async fn timeseries_keys(
+    State(state): State<ApiState>,
+    Path((entity_type, entity_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let entity = find_entity(&state, &entity_type, &entity_id)?;
+    let store = state.store.clone();
+    let values = blocking(move || store.latest(entity.id, &[]).map_err(ApiError::internal)).await?;
+    Ok(Json(json!(values.into_iter().map(|v| v.key).collect::<Vec<_>>())))
+}
+
+fn attribute_json(values: Vec<TsValue>) -> Vec<Value> {
+    values
+        .into_iter()
+        .map(|v| json!({"key": v.key, "value": v.value.to_json(), "lastUpdateTs": v.ts}))
+        .collect()
+}
+
+async fn all_attributes(
+    State(state): State<ApiState>,
+    Path((entity_type, entity_id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Value>> {
+    let entity = find_entity(&state, &entity_type, &entity_id)?;
+    let keys = keys(&query(raw));
+    let store = state.store.clone();
+    let values = blocking(move || {
+        let mut all = Vec::new();
+        for scope in Scope::ALL {
+            all.extend(store.attributes(entity.id, scope, &keys).map_err(ApiError::internal)?);
+        }
+        Ok(all)
+    })
+    .await?;
+    Ok(Json(json!(attribute_json(values))))
+}
+
+async fn scope_attributes(
+    State(state): State<ApiState>,
+    Path((entity_type, entity_id, scope)): Path<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Value>> {
+    let entity = find_entity(&state, &entity_type, &entity_id)?;
+    let scope = Scope::parse(&scope).ok_or_else(|| {
+        ApiError::bad_request(format!("invalid scope {scope:?}; use CLIENT_SCOPE, SERVER_SCOPE or SHARED_SCOPE"))
+    })?;
+    let keys = keys(&query(raw));
+    let store = state.store.clone();
+    let values = blocking(move || store.attributes(entity.id, scope, &keys).map_err(ApiError::internal)).await?;
+    Ok(Json(json!(attribute_json(values))))
+}
+
+async fn save_device_attributes(
+    State(state): State<ApiState>,
+    Path((device_id, scope)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    save_attributes(state, "DEVICE", &device_id, &scope, body).await
+}
+
+async fn save_entity_attributes(
+    State(state): State<ApiState>,
+    Path((entity_type, entity_id, scope)): Path<(String, String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    save_attributes(state, &entity_type, &entity_id, &scope, body).await
+}
+
+/// Saves attributes, then sends ATTRIBUTES_UPDATED into the root chain with
+/// the entity as originator.
+async fn save_attributes(
+    state: ApiState,
+    entity_type: &str,
+    entity_id: &str,
+    scope: &str,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let scope = match Scope::parse(scope) {
+        Some(Scope::Client) => {
+            return Err(ApiError::bad_request(
+                "Invalid scope: CLIENT_SCOPE attributes come from devices; use SERVER_SCOPE or SHARED_SCOPE",
+            ))
+        }
+        Some(scope) => scope,
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "invalid scope {scope:?}; use SERVER_SCOPE or SHARED_SCOPE"
+            )))
+        }
+    };
+    let entity = find_entity(&state, entity_type, entity_id)?;
+    let Value::Object(object) = json_body(&body)? else {
+        return Err(ApiError::bad_request("the body must be a JSON object of attribute keys and values"));
+    };
+    if object.is_empty() {
+        return Err(ApiError::bad_request("the body has no attributes"));
+    }
+    let mut values = Vec::new();
+    for (key, value) in &object {
+        if key.trim().is_empty() {
+            return Err(ApiError::bad_request("attribute keys must not be empty"));
+        }
+        let value = KvValue::from_json(value)
+            .ok_or_else(|| ApiError::bad_request(format!("attribute {key:?} has a null value")))?;
+        values.push((key.clone(), value));
+    }
+
+    let ts = msg::now_millis();
+    state
+        .store
+        .write(
+            vec![Write::Attributes {
+                entity: entity.id,
+                scope,
+                ts,
+                values,
+            }],
+            None,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+
+    let mut metadata = entity_metadata(&entity, "");
+    metadata.insert("scope".into(), scope.as_str().into());
+    let message = TbMsg::new(msg::ATTRIBUTES_UPDATED, entity.id, metadata, Value::Object(object).to_string(), ts);
+    state.engine.submit(message, api_ticket(entity.id));
+    Ok(StatusCode::OK)
+}
+
+fn api_ticket(entity: EntityId) -> Ticket {
+    Ticket::detached(SourceRecord {
+        integration: "api".into(),
+        stream: String::new(),
+        shard: String::new(),
+        sequence_number: String::new(),
+        partition_key: entity.to_string(),
+        arrival_ms: msg::now_millis(),
+        payload: Default::default(),
+    })
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "UP"}))
+}
+
+async fn ready(State(state): State<ApiState>) -> Response {
+    match state.status.readiness() {
+        Ok(()) => Json(json!({"status": "READY"})).into_response(),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "NOT_READY", "reasons": reasons})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut text = String::new();
+    let snapshot = state.status.snapshot();
+    let series: [(&str, &str, &str); 4] = [
+        ("shardflow_records_read_total", "counter", "Records read from the shard."),
+        ("shardflow_records_failed_total", "counter", "Records kept as dead letters."),
+        ("shardflow_in_flight_records", "gauge", "Records fetched but not yet done."),
+        ("shardflow_millis_behind_latest", "gauge", "MillisBehindLatest of the last GetRecords."),
+    ];
+    for (name, kind, help) in series {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for ((integration, shard), s) in &snapshot {
+            let value = match name {
+                "shardflow_records_read_total" => s.records_read as i64,
+                "shardflow_records_failed_total" => s.records_failed as i64,
+                "shardflow_in_flight_records" => s.in_flight as i64,
+                _ => s.millis_behind_latest.unwrap_or(0),
+            };
+            text.push_str(&format!(
+                "{name}{{integration=\"{}\",shard=\"{}\"}} {value}\n",
+                escape_label(integration),
+                escape_label(shard)
+            ));
+        }
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn escape_label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,57 @@
+//! TbMsgAttributesNode: stores a POST_ATTRIBUTES_REQUEST's values as
+//! attributes of the configured scope, then emits Success once committed.
+
+use serde_json::Value;
+
+use super::{failure, success, NodeOutput};
+use crate::chain::{Envelope, Services};
+use crate::msg::{now_millis, POST_ATTRIBUTES_REQUEST};
+use crate::store::{KvValue, Scope, Write};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub scope: Scope,
+}
+
+impl Config {
+    pub fn parse(config: &Value) -> Result<Config, String> {
+        let scope = match config.get("scope").and_then(Value::as_str) {
+            None => Scope::Server,
+            Some(text) => Scope::parse(text).ok_or_else(|| {
+                format!("scope {text:?} is not one of CLIENT_SCOPE, SERVER_SCOPE, SHARED_SCOPE")
+            })?,
+        };
+        Ok(Config { scope })
+    }
+}
+
+pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutput {
+    if env.msg.msg_type != POST_ATTRIBUTES_REQUEST {
+        let reason = format!("unsupported message type {}", env.msg.msg_type);
+        return NodeOutput::Now(vec![failure(env, reason)]);
+    }
+    let values = match serde_json::from_str::<Value>(&env.msg.data) {
+        Ok(Value::Object(map)) => map
+            .iter()
+            .filter_map(|(k, v)| KvValue::from_json(v).map(|v| (k.clone(), v)))
+            .collect::<Vec<_>>(),
+        Ok(_) => return NodeOutput::Now(vec![failure(env, "attributes must be a JSON object")]),
+        Err(e) => {
+            let reason = format!("message data is not JSON: {e}");
+            return NodeOutput::Now(vec![failure(env, reason)]);
+        }
+    };
+    let write = Write::Attributes {
+        entity: env.msg.originator,
+        scope: config.scope,
+        ts: now_millis(),
+        values,
+    };
+    let store = services.store.clone();
+    NodeOutput::Later(Box::pin(async move {
+        match store.write(vec![write], Some(env.ticket.clone())).await {
+            Ok(()) => vec![success(env)],
+            Err(e) => vec![failure(env, format!("attributes not saved: {e}"))],
+        }
+    }))
+}

@@ -1,0 +1,88 @@
+//! TbMsgTimeseriesNode: stores a POST_TELEMETRY_REQUEST's values as
+//! telemetry history and latest values, then emits Success once committed.
+//!
+//! The data may be a flat object of values, `{ts, values}`, or an array of
+//! those; values without a ts take the `ts` metadata, else the message ts.
+
+use serde_json::Value;
+
+use super::{failure, success, NodeOutput};
+use crate::chain::{Envelope, Services};
+use crate::msg::POST_TELEMETRY_REQUEST;
+use crate::store::{KvValue, Write};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Seconds to keep data; 0 keeps it forever. Read, not yet enforced.
+    pub default_ttl: i64,
+}
+
+impl Config {
+    pub fn parse(config: &Value) -> Result<Config, String> {
+        let default_ttl = match config.get("defaultTTL") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| format!("defaultTTL must be a number of seconds, got {v}"))?,
+        };
+        Ok(Config { default_ttl })
+    }
+}
+
+pub fn process(_config: &Config, env: Envelope, services: &Services) -> NodeOutput {
+    if env.msg.msg_type != POST_TELEMETRY_REQUEST {
+        let reason = format!("unsupported message type {}", env.msg.msg_type);
+        return NodeOutput::Now(vec![failure(env, reason)]);
+    }
+    let default_ts = env
+        .msg
+        .metadata
+        .get("ts")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(env.msg.ts);
+    let writes = match telemetry_writes(&env, default_ts) {
+        Ok(writes) => writes,
+        Err(reason) => return NodeOutput::Now(vec![failure(env, reason)]),
+    };
+    let store = services.store.clone();
+    NodeOutput::Later(Box::pin(async move {
+        match store.write(writes, Some(env.ticket.clone())).await {
+            Ok(()) => vec![success(env)],
+            Err(e) => vec![failure(env, format!("telemetry not saved: {e}"))],
+        }
+    }))
+}
+
+fn telemetry_writes(env: &Envelope, default_ts: i64) -> Result<Vec<Write>, String> {
+    let data: Value = serde_json::from_str(&env.msg.data)
+        .map_err(|e| format!("message data is not JSON: {e}"))?;
+    let entries = match data {
+        Value::Array(items) => items,
+        other => vec![other],
+    };
+    let mut writes = Vec::new();
+    for entry in entries {
+        let Value::Object(mut object) = entry else {
+            return Err("telemetry must be an object or an array of objects".into());
+        };
+        let (ts, values) = match (object.get("ts"), object.get("values")) {
+            (Some(ts), Some(Value::Object(values))) => {
+                let ts = ts.as_i64().ok_or("telemetry ts must be a number")?;
+                (ts, values.clone())
+            }
+            _ => (default_ts, std::mem::take(&mut object)),
+        };
+        let values: Vec<(String, KvValue)> = values
+            .iter()
+            .filter_map(|(k, v)| KvValue::from_json(v).map(|v| (k.clone(), v)))
+            .collect();
+        if !values.is_empty() {
+            writes.push(Write::Telemetry {
+                entity: env.msg.originator,
+                ts,
+                values,
+            });
+        }
+    }
+    Ok(writes)
+}

@@ -1,0 +1,102 @@
+//! The command line: `shardflow run` and `shardflow check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "shardflow", version, about = "AWS Kinesis -> JS converters -> rule chains -> storage, in one binary")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the service until SIGINT or SIGTERM.
+    Run {
+        #[arg(long, short, default_value = "shardflow.toml")]
+        config: PathBuf,
+    },
+    /// Validate the config, the rule chains and the converters; list every
+    /// problem found.
+    Check {
+        #[arg(long, short, default_value = "shardflow.toml")]
+        config: PathBuf,
+    },
+}
+
+/// Parses arguments, runs the command, and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => check(config),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match crate::service::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            println!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (_, problems) = crate::service::preflight(&config);
+    if problems.is_empty() {
+        println!(
+            "ok: {} integration(s), root chain {}, converters compile",
+            config.integrations.len(),
+            config.root_chain.display()
+        );
+        ExitCode::SUCCESS
+    } else {
+        println!("{} problem(s) found:", problems.len());
+        for problem in problems {
+            println!("  - {problem}");
+        }
+        ExitCode::from(1)
+    }
+}

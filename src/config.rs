@@ -1,0 +1,559 @@
+//! The service configuration (`shardflow.toml`): types, defaults and
+//! validation.
+//!
+//! Validation collects every problem it finds, each with where it is, so a
+//! user fixes a config in one pass instead of one error per start.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// A secret value: never printed by `Debug` or `Display`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// The whole configuration, with paths resolved against the config file's
+/// directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory of the SQLite database and the instance lock file.
+    pub data_dir: PathBuf,
+    /// The root rule chain file; every message enters the chain here.
+    pub root_chain: PathBuf,
+    pub http: HttpConfig,
+    pub pipeline: PipelineConfig,
+    pub js: JsConfig,
+    pub integrations: Vec<IntegrationConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address the HTTP API listens on.
+    pub bind: String,
+    /// User name for `POST /api/auth/login`.
+    pub username: String,
+    /// Password for `POST /api/auth/login`.
+    pub password: Secret,
+    /// Lifetime of an access token, in seconds.
+    pub token_ttl_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: "127.0.0.1:8080".into(),
+            username: "tenant@thingsboard.org".into(),
+            password: Secret::new("tenant"),
+            token_ttl_secs: 9000,
+        }
+    }
+}
+
+/// Bounds on work in flight. They bound memory: a shard consumer stops
+/// fetching while its window is full.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Records a shard may have fetched but not yet done.
+    pub max_in_flight_records: usize,
+    /// Payload bytes a shard may have fetched but not yet done.
+    pub max_in_flight_bytes: usize,
+    /// How often a shard's checkpoint is written, in milliseconds.
+    pub checkpoint_interval_ms: u64,
+    /// Rule-engine arbiters (threads) the node actors are spread over;
+    /// 0 means one per core.
+    pub chain_threads: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_in_flight_records: 10_000,
+            max_in_flight_bytes: 32 * 1024 * 1024,
+            checkpoint_interval_ms: 1000,
+            chain_threads: 0,
+        }
+    }
+}
+
+/// Limits for JavaScript converters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JsConfig {
+    /// Converter worker threads, each with its own QuickJS runtime; 0 means
+    /// one per core.
+    pub workers: usize,
+    /// Longest time one converter call may run, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// Memory limit of one runtime, in MiB.
+    pub memory_limit_mb: usize,
+}
+
+impl Default for JsConfig {
+    fn default() -> Self {
+        JsConfig {
+            workers: 0,
+            call_timeout_ms: 1000,
+            memory_limit_mb: 128,
+        }
+    }
+}
+
+/// Where a shard starts reading when it has no checkpoint yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialPosition {
+    Latest,
+    TrimHorizon,
+    /// Milliseconds since the epoch.
+    AtTimestamp(i64),
+}
+
+/// One AWS Kinesis integration, with the fields of ThingsBoard's form.
+#[derive(Debug, Clone)]
+pub struct IntegrationConfig {
+    pub name: String,
+    pub uplink_converter: PathBuf,
+    pub downlink_converter: Option<PathBuf>,
+    pub stream_name: String,
+    pub region: String,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub use_instance_metadata: bool,
+    pub use_enhanced_fan_out: bool,
+    pub application_name: String,
+    pub initial_position: InitialPosition,
+    pub max_records: i32,
+    pub request_timeout_ms: u64,
+    pub endpoint_url: Option<String>,
+}
+
+/// The integration table as written in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntegration {
+    name: String,
+    uplink_converter: String,
+    #[serde(default)]
+    downlink_converter: Option<String>,
+    stream_name: String,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    access_key_id: Option<String>,
+    #[serde(default)]
+    secret_access_key: Option<Secret>,
+    #[serde(default)]
+    use_instance_metadata: bool,
+    #[serde(default)]
+    use_enhanced_fan_out: bool,
+    #[serde(default)]
+    application_name: Option<String>,
+    #[serde(default)]
+    initial_position: Option<String>,
+    #[serde(default)]
+    initial_timestamp: Option<toml::Value>,
+    #[serde(default)]
+    max_records: Option<i64>,
+    #[serde(default)]
+    request_timeout_ms: Option<u64>,
+    #[serde(default)]
+    endpoint_url: Option<String>,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", format_problems(.file, .problems))]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<String>,
+}
+
+fn format_problems(file: &Path, problems: &[String]) -> String {
+    let mut text = format!(
+        "{} problem(s) in config file {}:",
+        problems.len(),
+        file.display()
+    );
+    for problem in problems {
+        text.push_str("\n  - ");
+        text.push_str(problem);
+    }
+    text
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        Config::parse(&text, &base).map_err(|problems| ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let table: toml::Table = match text.parse() {
+            Ok(table) => table,
+            Err(e) => return Err(vec![format!("not valid TOML: {e}")]),
+        };
+
+        let known = [
+            "data_dir",
+            "root_chain",
+            "http",
+            "pipeline",
+            "js",
+            "integration",
+        ];
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                problems.push(format!(
+                    "unknown key `{key}` (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+
+        let data_dir = string_field(&table, "data_dir", "data", &mut problems);
+        let root_chain = string_field(&table, "root_chain", "rulechains/root.json", &mut problems);
+        let http: HttpConfig = section(&table, "http", &mut problems);
+        let pipeline: PipelineConfig = section(&table, "pipeline", &mut problems);
+        let js: JsConfig = section(&table, "js", &mut problems);
+
+        if http.bind.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "[http] bind = {:?} is not an address like 127.0.0.1:8080",
+                http.bind
+            ));
+        }
+        if http.username.is_empty() || http.password.is_empty() {
+            problems.push("[http] username and password must not be empty".into());
+        }
+        if pipeline.max_in_flight_records == 0 || pipeline.max_in_flight_bytes == 0 {
+            problems.push("[pipeline] max_in_flight_records and max_in_flight_bytes must be > 0".into());
+        }
+        if js.call_timeout_ms == 0 || js.memory_limit_mb == 0 {
+            problems.push("[js] call_timeout_ms and memory_limit_mb must be > 0".into());
+        }
+
+        let integrations = integrations(&table, base, &mut problems);
+        if integrations.is_empty() && problems.is_empty() {
+            problems.push("no [[integration]] is configured".into());
+        }
+
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Config {
+            data_dir: base.join(data_dir),
+            root_chain: base.join(root_chain),
+            http,
+            pipeline,
+            js,
+            integrations,
+        })
+    }
+
+    /// Number of worker threads for `configured`, where 0 means per core.
+    pub fn threads(configured: usize) -> usize {
+        if configured > 0 {
+            configured
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }
+    }
+}
+
+fn string_field(table: &toml::Table, key: &str, default: &str, problems: &mut Vec<String>) -> String {
+    match table.get(key) {
+        None => default.to_string(),
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(other) => {
+            problems.push(format!("`{key}` must be a string, found {}", other.type_str()));
+            default.to_string()
+        }
+    }
+}
+
+fn section<T: DeserializeOwned + Default>(
+    table: &toml::Table,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> T {
+    match table.get(key) {
+        None => T::default(),
+        Some(value) => value.clone().try_into().unwrap_or_else(|e: toml::de::Error| {
+            problems.push(format!("[{key}]: {}", e.message()));
+            T::default()
+        }),
+    }
+}
+
+fn integrations(
+    table: &toml::Table,
+    base: &Path,
+    problems: &mut Vec<String>,
+) -> Vec<IntegrationConfig> {
+    let items = match table.get("integration") {
+        None => return Vec::new(),
+        Some(toml::Value::Array(items)) => items.clone(),
+        Some(_) => {
+            problems.push("`integration` must be written as [[integration]] tables".into());
+            return Vec::new();
+        }
+    };
+
+    let mut names = HashSet::new();
+    let mut result = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let label = item
+            .get("name")
+            .and_then(|v| v.as_str())
+            .map(|n| format!("[[integration]] #{} ({n})", index + 1))
+            .unwrap_or_else(|| format!("[[integration]] #{}", index + 1));
+        let raw: RawIntegration = match item.try_into() {
+            Ok(raw) => raw,
+            Err(e) => {
+                problems.push(format!("{label}: {}", e.message()));
+                continue;
+            }
+        };
+        if !names.insert(raw.name.clone()) {
+            problems.push(format!("{label}: the name `{}` is used twice", raw.name));
+        }
+        if let Some(integration) = integration(raw, base, &label, problems) {
+            result.push(integration);
+        }
+    }
+    result
+}
+
+fn integration(
+    raw: RawIntegration,
+    base: &Path,
+    label: &str,
+    problems: &mut Vec<String>,
+) -> Option<IntegrationConfig> {
+    let before = problems.len();
+    if raw.name.trim().is_empty() {
+        problems.push(format!("{label}: `name` must not be empty"));
+    }
+    if raw.stream_name.trim().is_empty() {
+        problems.push(format!("{label}: `stream_name` must not be empty"));
+    }
+
+    let initial_position = match (raw.initial_position.as_deref(), &raw.initial_timestamp) {
+        (None | Some("LATEST"), _) => InitialPosition::Latest,
+        (Some("TRIM_HORIZON"), _) => InitialPosition::TrimHorizon,
+        (Some("AT_TIMESTAMP"), Some(ts)) => match parse_timestamp(ts) {
+            Some(ms) => InitialPosition::AtTimestamp(ms),
+            None => {
+                problems.push(format!(
+                    "{label}: `initial_timestamp` must be epoch milliseconds or an RFC 3339 time like 2026-01-31T12:00:00Z"
+                ));
+                InitialPosition::Latest
+            }
+        },
+        (Some("AT_TIMESTAMP"), None) => {
+            problems.push(format!(
+                "{label}: initial_position = \"AT_TIMESTAMP\" needs `initial_timestamp`"
+            ));
+            InitialPosition::Latest
+        }
+        (Some(other), _) => {
+            problems.push(format!(
+                "{label}: initial_position = {other:?} is not one of LATEST, TRIM_HORIZON, AT_TIMESTAMP"
+            ));
+            InitialPosition::Latest
+        }
+    };
+
+    let max_records = raw.max_records.unwrap_or(1000);
+    if !(1..=10_000).contains(&max_records) {
+        problems.push(format!(
+            "{label}: max_records = {max_records} is outside 1..=10000 (the GetRecords limit)"
+        ));
+    }
+    let request_timeout_ms = raw.request_timeout_ms.unwrap_or(10_000);
+    if request_timeout_ms == 0 {
+        problems.push(format!("{label}: request_timeout_ms must be > 0"));
+    }
+    if raw.access_key_id.is_some() != raw.secret_access_key.is_some() {
+        problems.push(format!(
+            "{label}: set both access_key_id and secret_access_key, or neither (then the AWS credential chain is used)"
+        ));
+    }
+    if raw.use_instance_metadata && raw.access_key_id.is_some() {
+        problems.push(format!(
+            "{label}: use_instance_metadata = true conflicts with static access keys"
+        ));
+    }
+    if raw.use_enhanced_fan_out {
+        problems.push(format!(
+            "{label}: use_enhanced_fan_out = true is not supported yet; set it to false (polling with GetRecords)"
+        ));
+    }
+    if let Some(url) = &raw.endpoint_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(format!(
+                "{label}: endpoint_url = {url:?} must start with http:// or https://"
+            ));
+        }
+    }
+    let uplink_converter = base.join(&raw.uplink_converter);
+    if !uplink_converter.is_file() {
+        problems.push(format!(
+            "{label}: uplink_converter file {} does not exist",
+            uplink_converter.display()
+        ));
+    }
+    let downlink_converter = raw.downlink_converter.as_ref().map(|p| base.join(p));
+    if let Some(path) = &downlink_converter {
+        if !path.is_file() {
+            problems.push(format!(
+                "{label}: downlink_converter file {} does not exist",
+                path.display()
+            ));
+        }
+    }
+
+    if problems.len() > before {
+        return None;
+    }
+    Some(IntegrationConfig {
+        application_name: raw
+            .application_name
+            .unwrap_or_else(|| format!("shardflow-{}", raw.name)),
+        name: raw.name,
+        uplink_converter,
+        downlink_converter,
+        stream_name: raw.stream_name,
+        region: raw.region.unwrap_or_else(|| "us-east-1".into()),
+        access_key_id: raw.access_key_id,
+        secret_access_key: raw.secret_access_key,
+        use_instance_metadata: raw.use_instance_metadata,
+        use_enhanced_fan_out: raw.use_enhanced_fan_out,
+        initial_position,
+        max_records: max_records.clamp(1, 10_000) as i32,
+        request_timeout_ms,
+        endpoint_url: raw.endpoint_url,
+    })
+}
+
+/// Epoch milliseconds from an integer or an RFC 3339 UTC text.
+fn parse_timestamp(value: &toml::Value) -> Option<i64> {
+    match value {
+        toml::Value::Integer(ms) => Some(*ms),
+        toml::Value::Datetime(dt) => parse_rfc3339(&dt.to_string()),
+        toml::Value::String(s) => s.parse().ok().or_else(|| parse_rfc3339(s)),
+        _ => None,
+    }
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only) into epoch milliseconds.
+fn parse_rfc3339(text: &str) -> Option<i64> {
+    let text = text.strip_suffix('Z').or_else(|| text.strip_suffix("+00:00"))?;
+    let (date, time) = text.split_once(['T', ' '])?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, s) = (t.next()??, t.next()??, t.next()??);
+    let millis: i64 = format!("{:0<3}", frac).get(..3)?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
+        return None;
+    }
+    Some((days_from_civil(y, m, day) * 86_400 + h * 3600 + min * 60 + s) * 1000 + millis)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_timestamps_parse_to_epoch_millis() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("2019-09-26T13:14:24.270Z"), Some(1_569_503_664_270));
+        assert_eq!(parse_rfc3339("2019-13-26T13:14:24Z"), None);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+            [http]
+            bind = "not an address"
+            [[integration]]
+            name = "a"
+            uplink_converter = "missing.js"
+            stream_name = "s"
+            initial_position = "EARLIEST"
+            max_records = 0
+        "#;
+        let problems = Config::parse(text, dir.path()).unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("bind")));
+        assert!(problems.iter().any(|p| p.contains("EARLIEST")));
+        assert!(problems.iter().any(|p| p.contains("max_records")));
+        assert!(problems.iter().any(|p| p.contains("missing.js")));
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?}"), "\"***\"");
+    }
+}

@@ -1,0 +1,385 @@
+//! One QuickJS runtime with ThingsBoard's script environment, its limits
+//! and a cache of compiled functions.
+//!
+//! A `JsRuntime` is not `Send`: it lives on one worker thread for its whole
+//! life and is reused call after call. Scripts are compiled once per
+//! source version and kept as persistent functions. Each call runs under a
+//! deadline (an interrupt handler) and the runtime under a memory limit;
+//! after a timeout or an out-of-memory error the runtime is rebuilt, since
+//! QuickJS state after an interrupted script is not to be trusted.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use rquickjs::{Array, Context, Ctx, Function, Object, Persistent, Runtime, Value};
+
+/// Limits applied to every script call.
+#[derive(Debug, Clone, Copy)]
+pub struct JsLimits {
+    pub call_timeout: Duration,
+    pub memory_limit_bytes: usize,
+}
+
+/// Why a script call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JsError {
+    #[error("script does not compile: {0}")]
+    Compile(String),
+    #[error("script threw: {0}")]
+    Thrown(String),
+    #[error("script ran longer than {0:?} and was stopped")]
+    Timeout(Duration),
+    /// QuickJS throws `null` when it cannot even allocate the error, so a
+    /// script that itself throws `null` is reported the same way.
+    #[error("script exceeded the memory limit of {0} MiB (or threw null) and was stopped")]
+    OutOfMemory(usize),
+    #[error("script result is not JSON-serialisable: {0}")]
+    Result(String),
+}
+
+/// An argument passed to a script function.
+pub enum JsArg<'a> {
+    /// Bytes, given to the script as a real Array of numbers (0..255).
+    Bytes(&'a [u8]),
+    /// A string map, given as a plain object of strings.
+    StringMap(&'a BTreeMap<String, String>),
+    /// A JSON text, parsed in the script's context.
+    Json(&'a str),
+    Str(&'a str),
+}
+
+/// Globals every script sees, as in ThingsBoard's script runtime. A script
+/// that defines its own `decodeToString`/`decodeToJson` shadows these.
+const PRELUDE: &str = r#"
+(function (global) {
+  var fromCharCode = String.fromCharCode;
+  var apply = Function.prototype.apply;
+  var CHUNK = 8192;
+  // QuickJS refuses apply() with more than 65535 arguments; Node does not.
+  // Converters call String.fromCharCode.apply(String, payload) on whole
+  // payloads, so that one call is chunked to keep Node's behaviour.
+  Object.defineProperty(Function.prototype, 'apply', {
+    value: function (thisArg, args) {
+      if (this === fromCharCode && args != null && args.length > CHUNK) {
+        var out = '';
+        for (var i = 0; i < args.length; i += CHUNK) {
+          out += apply.call(fromCharCode, null, Array.prototype.slice.call(args, i, i + CHUNK));
+        }
+        return out;
+      }
+      return apply.call(this, thisArg, args);
+    },
+    writable: true, configurable: true, enumerable: false
+  });
+  function bytesToString(bytes) {
+    var out = '';
+    for (var i = 0; i < bytes.length; i += CHUNK) {
+      out += apply.call(fromCharCode, null, Array.prototype.slice.call(bytes, i, i + CHUNK));
+    }
+    return out;
+  }
+  global.decodeToString = function (payload) { return bytesToString(payload); };
+  global.decodeToJson = function (payload) { return JSON.parse(bytesToString(payload)); };
+  var B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/';
+  global.btoa = function (input) {
+    var s = String(input), out = '';
+    for (var i = 0; i < s.length; i += 3) {
+      var a = s.charCodeAt(i), b = s.charCodeAt(i + 1), c = s.charCodeAt(i + 2);
+      if (a > 255 || b > 255 || c > 255) throw new Error('btoa: invalid character');
+      var n = (a << 16) | ((b || 0) << 8) | (c || 0);
+      out += B64.charAt((n >> 18) & 63) + B64.charAt((n >> 12) & 63) +
+        (i + 1 < s.length ? B64.charAt((n >> 6) & 63) : '=') +
+        (i + 2 < s.length ? B64.charAt(n & 63) : '=');
+    }
+    return out;
+  };
+  global.atob = function (input) {
+    var s = String(input).replace(/[\s=]+/g, ''), out = '', bits = 0, acc = 0;
+    for (var i = 0; i < s.length; i++) {
+      var v = B64.indexOf(s.charAt(i));
+      if (v < 0) throw new Error('atob: invalid character');
+      acc = (acc << 6) | v; bits += 6;
+      if (bits >= 8) { bits -= 8; out += fromCharCode((acc >> bits) & 255); }
+    }
+    return out;
+  };
+  var log = global.__shardflow_log;
+  delete global.__shardflow_log;
+  function line(args) { return Array.prototype.map.call(args, function (a) {
+    return typeof a === 'string' ? a : JSON.stringify(a); }).join(' '); }
+  global.console = {
+    log: function () { log(line(arguments)); },
+    info: function () { log(line(arguments)); },
+    warn: function () { log(line(arguments)); },
+    error: function () { log(line(arguments)); }
+  };
+})(globalThis);
+"#;
+
+/// A QuickJS runtime with compiled functions, reused across calls.
+pub struct JsRuntime {
+    limits: JsLimits,
+    engine: Engine,
+}
+
+struct Engine {
+    // Field order matters: functions must drop before the context and the
+    // runtime that own them.
+    functions: HashMap<String, Persistent<Function<'static>>>,
+    context: Context,
+    _runtime: Runtime,
+    deadline: Rc<Cell<Option<Instant>>>,
+}
+
+impl JsRuntime {
+    pub fn new(limits: JsLimits) -> Result<Self, JsError> {
+        Ok(JsRuntime {
+            limits,
+            engine: Engine::new(limits)?,
+        })
+    }
+
+    /// Compiles `body` as the body of `function name(params) { body }` and
+    /// keeps it under `key`. Compiling a key again replaces it.
+    pub fn compile(&mut self, key: &str, name: &str, params: &str, body: &str) -> Result<(), JsError> {
+        let source = format!("(function {name}({params}) {{\n{body}\n}})");
+        let function = self.engine.context.with(|ctx| {
+            let function: Function = ctx
+                .eval(source)
+                .map_err(|e| JsError::Compile(describe_error(&ctx, e)))?;
+            Ok::<_, JsError>(Persistent::save(&ctx, function))
+        })?;
+        self.engine.functions.insert(key.to_string(), function);
+        Ok(())
+    }
+
+    pub fn is_compiled(&self, key: &str) -> bool {
+        self.engine.functions.contains_key(key)
+    }
+
+    /// Forgets every compiled function whose key starts with `prefix`.
+    pub fn forget(&mut self, prefix: &str) {
+        self.engine.functions.retain(|k, _| !k.starts_with(prefix));
+    }
+
+    /// Calls a compiled function and returns its result as JSON
+    /// (`undefined` becomes `null`).
+    pub fn call(&mut self, key: &str, args: &[JsArg<'_>]) -> Result<serde_json::Value, JsError> {
+        let function = match self.engine.functions.get(key) {
+            Some(f) => f.clone(),
+            None => return Err(JsError::Compile(format!("no compiled script `{key}`"))),
+        };
+        self.engine
+            .deadline
+            .set(Some(Instant::now() + self.limits.call_timeout));
+        let result = self.engine.context.with(|ctx| {
+            let function = function.restore(&ctx).map_err(|e| JsError::Thrown(e.to_string()))?;
+            let values = args
+                .iter()
+                .map(|arg| to_js(&ctx, arg))
+                .collect::<rquickjs::Result<Vec<Value>>>()
+                .map_err(|e| JsError::Thrown(describe_error(&ctx, e)))?;
+            let mut call_args = rquickjs::function::Args::new(ctx.clone(), values.len());
+            for value in values {
+                call_args
+                    .push_arg(value)
+                    .map_err(|e| JsError::Thrown(describe_error(&ctx, e)))?;
+            }
+            let value: Value = function
+                .call_arg(call_args)
+                .map_err(|e| JsError::Thrown(describe_error(&ctx, e)))?;
+            let text = ctx
+                .json_stringify(value)
+                .map_err(|e| JsError::Result(describe_error(&ctx, e)))?;
+            match text {
+                None => Ok(serde_json::Value::Null),
+                Some(text) => {
+                    let text = text.to_string().map_err(|e| JsError::Result(e.to_string()))?;
+                    serde_json::from_str(&text).map_err(|e| JsError::Result(e.to_string()))
+                }
+            }
+        });
+        let timed_out = self
+            .engine
+            .deadline
+            .take()
+            .is_some_and(|deadline| Instant::now() >= deadline);
+        match result {
+            Err(JsError::Thrown(message)) if timed_out || message.contains("interrupted") => {
+                self.rebuild();
+                Err(JsError::Timeout(self.limits.call_timeout))
+            }
+            Err(JsError::Thrown(message)) | Err(JsError::Result(message))
+                if message.contains("out of memory") || message == "null" =>
+            {
+                self.rebuild();
+                Err(JsError::OutOfMemory(self.limits.memory_limit_bytes >> 20))
+            }
+            other => other,
+        }
+    }
+
+    /// Replaces the runtime with a fresh one; compiled functions are lost
+    /// and get compiled again on next use.
+    fn rebuild(&mut self) {
+        match Engine::new(self.limits) {
+            Ok(engine) => self.engine = engine,
+            Err(e) => tracing::error!(error = %e, "cannot rebuild the JavaScript runtime"),
+        }
+    }
+}
+
+impl Engine {
+    fn new(limits: JsLimits) -> Result<Self, JsError> {
+        let runtime = Runtime::new().map_err(|e| JsError::Compile(e.to_string()))?;
+        runtime.set_memory_limit(limits.memory_limit_bytes);
+        runtime.set_max_stack_size(512 * 1024);
+        let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+        let watched = deadline.clone();
+        let mut polls = 0u32;
+        runtime.set_interrupt_handler(Some(Box::new(move || {
+            // Reading the clock on every poll costs more than the check.
+            polls = polls.wrapping_add(1);
+            if polls % 16 != 0 {
+                return false;
+            }
+            watched.get().is_some_and(|d| Instant::now() >= d)
+        })));
+        let context = Context::full(&runtime).map_err(|e| JsError::Compile(e.to_string()))?;
+        context.with(|ctx| {
+            let log = Function::new(ctx.clone(), |line: String| {
+                tracing::info!(target: "shardflow::script", "{line}");
+            })
+            .map_err(|e| JsError::Compile(e.to_string()))?;
+            ctx.globals()
+                .set("__shardflow_log", log)
+                .map_err(|e| JsError::Compile(e.to_string()))?;
+            ctx.eval::<(), _>(PRELUDE)
+                .map_err(|e| JsError::Compile(describe_error(&ctx, e)))
+        })?;
+        Ok(Engine {
+            functions: HashMap::new(),
+            context,
+            _runtime: runtime,
+            deadline,
+        })
+    }
+}
+
+fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
+    match arg {
+        JsArg::Bytes(bytes) => {
+            let array = Array::new(ctx.clone())?;
+            for (i, byte) in bytes.iter().enumerate() {
+                array.set(i, *byte as i32)?;
+            }
+            Ok(array.into_value())
+        }
+        JsArg::StringMap(map) => {
+            let object = Object::new(ctx.clone())?;
+            for (key, value) in map.iter() {
+                object.set(key.as_str(), value.as_str())?;
+            }
+            Ok(object.into_value())
+        }
+        JsArg::Json(text) => ctx.json_parse(*text),
+        JsArg::Str(text) => rquickjs::String::from_str(ctx.clone(), text).map(|s| s.into_value()),
+    }
+}
+
+/// Turns a QuickJS error into a message, with the thrown value's text and
+/// stack when there is one.
+fn describe_error(ctx: &Ctx<'_>, error: rquickjs::Error) -> String {
+    if !matches!(error, rquickjs::Error::Exception) {
+        return error.to_string();
+    }
+    let thrown = ctx.catch();
+    if let Some(exception) = thrown.as_exception() {
+        let message = exception.message().unwrap_or_default();
+        let name: String = exception
+            .get::<_, String>("name")
+            .unwrap_or_else(|_| "Error".into());
+        let stack = exception.stack().unwrap_or_default();
+        let location = stack.lines().next().map(str::trim).unwrap_or("");
+        if location.is_empty() {
+            format!("{name}: {message}")
+        } else {
+            format!("{name}: {message} ({location})")
+        }
+    } else if let Ok(Some(text)) = ctx.json_stringify(thrown.clone()) {
+        text.to_string().unwrap_or_else(|_| "unknown value thrown".into())
+    } else {
+        "a non-serialisable value was thrown".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> JsRuntime {
+        JsRuntime::new(JsLimits {
+            call_timeout: Duration::from_millis(200),
+            memory_limit_bytes: 32 << 20,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn payload_is_a_real_array() {
+        let mut js = runtime();
+        js.compile(
+            "t",
+            "Decoder",
+            "payload, metadata",
+            "return [Array.isArray(payload), payload.map(function(b){return ('0'+b.toString(16)).slice(-2)}).join('')];",
+        )
+        .unwrap();
+        let out = js.call("t", &[JsArg::Bytes(&[0, 15, 255])]).unwrap();
+        assert_eq!(out, serde_json::json!([true, "000fff"]));
+    }
+
+    #[test]
+    fn from_char_code_apply_takes_payloads_over_64k() {
+        let mut js = runtime();
+        js.compile("t", "Decoder", "payload", "return String.fromCharCode.apply(String, payload).length;")
+            .unwrap();
+        let bytes = vec![b'a'; 100_000];
+        assert_eq!(js.call("t", &[JsArg::Bytes(&bytes)]).unwrap(), serde_json::json!(100_000));
+    }
+
+    #[test]
+    fn infinite_loop_is_stopped_and_runtime_recovers() {
+        let mut js = runtime();
+        js.compile("loop", "F", "", "while (true) {}").unwrap();
+        assert!(matches!(js.call("loop", &[]), Err(JsError::Timeout(_))));
+        js.compile("ok", "F", "", "return 1 + 1;").unwrap();
+        assert_eq!(js.call("ok", &[]).unwrap(), serde_json::json!(2));
+    }
+
+    #[test]
+    fn unbounded_allocation_is_stopped() {
+        let mut js = runtime();
+        js.compile("oom", "F", "", "var a = []; while (true) a.push('xxxxxxxxxxxxxxxx' + a.length);")
+            .unwrap();
+        let err = js.call("oom", &[]).unwrap_err();
+        assert!(matches!(err, JsError::OutOfMemory(_) | JsError::Timeout(_)), "{err:?}");
+    }
+
+    #[test]
+    fn thrown_errors_carry_their_message() {
+        let mut js = runtime();
+        js.compile("t", "F", "", "throw new Error('bad payload');").unwrap();
+        let err = js.call("t", &[]).unwrap_err().to_string();
+        assert!(err.contains("bad payload"), "{err}");
+    }
+
+    #[test]
+    fn atob_and_btoa_round_trip() {
+        let mut js = runtime();
+        js.compile("t", "F", "", "return [btoa('hello'), atob('aGVsbG8=')];").unwrap();
+        assert_eq!(js.call("t", &[]).unwrap(), serde_json::json!(["aGVsbG8=", "hello"]));
+    }
+}

@@ -1,0 +1,233 @@
+//! JavaScript converters: uplink (`Decoder`) and downlink (`Encoder`)
+//! scripts, run on a pool of worker threads.
+//!
+//! Converters are pure: bytes and metadata in, typed results out. Each
+//! worker is an actix `SyncArbiter` actor that owns one QuickJS runtime for
+//! its whole life (runtimes are not `Send`). Scripts are compiled on a
+//! worker the first time it sees a script version and reused after that.
+
+pub mod downlink;
+pub mod js;
+pub mod uplink;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use bytes::Bytes;
+
+pub use downlink::DownlinkRecord;
+use js::{JsArg, JsError, JsLimits, JsRuntime};
+pub use uplink::Uplink;
+
+/// The role of a script, which fixes its function name and parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptKind {
+    Decoder,
+    Encoder,
+    /// A rule node's script: `function(msg, metadata, msgType)`.
+    RuleNode,
+}
+
+impl ScriptKind {
+    fn signature(self) -> (&'static str, &'static str) {
+        match self {
+            ScriptKind::Decoder => ("Decoder", "payload, metadata"),
+            ScriptKind::Encoder => ("Encoder", "msg, metadata, msgType, integrationMetadata"),
+            ScriptKind::RuleNode => ("RuleNodeScript", "msg, metadata, msgType"),
+        }
+    }
+}
+
+/// A script's source, with a process-unique id so workers can cache its
+/// compiled form.
+#[derive(Debug)]
+pub struct Script {
+    pub id: u64,
+    pub kind: ScriptKind,
+    /// Where the script came from (a file, or a chain node), for errors.
+    pub origin: String,
+    pub body: String,
+}
+
+static NEXT_SCRIPT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Script {
+    pub fn new(kind: ScriptKind, origin: impl Into<String>, body: impl Into<String>) -> Arc<Script> {
+        Arc::new(Script {
+            id: NEXT_SCRIPT_ID.fetch_add(1, Ordering::Relaxed),
+            kind,
+            origin: origin.into(),
+            body: body.into(),
+        })
+    }
+
+    pub fn load(kind: ScriptKind, path: &Path) -> std::io::Result<Arc<Script>> {
+        let body = std::fs::read_to_string(path)?;
+        Ok(Script::new(kind, path.display().to_string(), body))
+    }
+
+    /// Compiles the script in a throw-away runtime, to report syntax errors
+    /// before the service starts.
+    pub fn check(&self, limits: JsLimits) -> Result<(), JsError> {
+        let mut runtime = JsRuntime::new(limits)?;
+        let (name, params) = self.kind.signature();
+        runtime.compile("check", name, params, &self.body)
+    }
+}
+
+/// Why a converter could not produce a result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{0}")]
+    Script(#[from] JsError),
+    #[error("{0}")]
+    Uplink(#[from] uplink::UplinkError),
+    #[error("{0}")]
+    Downlink(#[from] downlink::DownlinkError),
+    #[error("the converter pool is not running")]
+    PoolGone,
+}
+
+/// One record to decode.
+pub struct DecodeInput {
+    pub payload: Bytes,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Decodes a batch of records, in order, with one converter.
+pub struct Decode {
+    pub script: Arc<Script>,
+    pub records: Vec<DecodeInput>,
+}
+
+impl Message for Decode {
+    type Result = Vec<Result<Vec<Uplink>, ConvertError>>;
+}
+
+/// Encodes one rule-engine message into downlink records.
+pub struct Encode {
+    pub script: Arc<Script>,
+    pub data: String,
+    pub metadata: BTreeMap<String, String>,
+    pub msg_type: String,
+    pub integration_metadata: BTreeMap<String, String>,
+}
+
+impl Message for Encode {
+    type Result = Result<Vec<DownlinkRecord>, ConvertError>;
+}
+
+/// Runs a rule node's script on a message and returns its JSON result.
+pub struct RunScript {
+    pub script: Arc<Script>,
+    pub data: String,
+    pub metadata: BTreeMap<String, String>,
+    pub msg_type: String,
+}
+
+impl Message for RunScript {
+    type Result = Result<serde_json::Value, ConvertError>;
+}
+
+/// A converter worker: one thread, one QuickJS runtime.
+pub struct ConverterWorker {
+    runtime: JsRuntime,
+}
+
+impl Actor for ConverterWorker {
+    type Context = SyncContext<Self>;
+}
+
+impl ConverterWorker {
+    pub fn new(limits: JsLimits) -> Result<Self, JsError> {
+        Ok(ConverterWorker {
+            runtime: JsRuntime::new(limits)?,
+        })
+    }
+
+    /// Starts `workers` threads, each with its own runtime.
+    pub fn start_pool(workers: usize, limits: JsLimits) -> Addr<ConverterWorker> {
+        SyncArbiter::start(workers, move || {
+            ConverterWorker::new(limits).expect("a QuickJS runtime can be created")
+        })
+    }
+
+    fn ensure_compiled(&mut self, script: &Script) -> Result<String, JsError> {
+        let key = script.id.to_string();
+        if !self.runtime.is_compiled(&key) {
+            let (name, params) = script.kind.signature();
+            self.runtime.compile(&key, name, params, &script.body)?;
+        }
+        Ok(key)
+    }
+}
+
+impl Handler<Decode> for ConverterWorker {
+    type Result = MessageResult<Decode>;
+
+    fn handle(&mut self, batch: Decode, _: &mut SyncContext<Self>) -> Self::Result {
+        let results = batch
+            .records
+            .iter()
+            .map(|record| {
+                let key = self.ensure_compiled(&batch.script)?;
+                let output = self.runtime.call(
+                    &key,
+                    &[JsArg::Bytes(&record.payload), JsArg::StringMap(&record.metadata)],
+                )?;
+                Ok(uplink::parse(output)?)
+            })
+            .collect();
+        MessageResult(results)
+    }
+}
+
+impl Handler<Encode> for ConverterWorker {
+    type Result = MessageResult<Encode>;
+
+    fn handle(&mut self, job: Encode, _: &mut SyncContext<Self>) -> Self::Result {
+        let result = (|| {
+            let key = self.ensure_compiled(&job.script)?;
+            let data = if serde_json::from_str::<serde_json::Value>(&job.data).is_ok() {
+                job.data.clone()
+            } else {
+                // Non-JSON message data reaches the script as a string.
+                serde_json::Value::String(job.data.clone()).to_string()
+            };
+            let output = self.runtime.call(
+                &key,
+                &[
+                    JsArg::Json(&data),
+                    JsArg::StringMap(&job.metadata),
+                    JsArg::Str(&job.msg_type),
+                    JsArg::StringMap(&job.integration_metadata),
+                ],
+            )?;
+            Ok(downlink::parse(output)?)
+        })();
+        MessageResult(result)
+    }
+}
+
+impl Handler<RunScript> for ConverterWorker {
+    type Result = MessageResult<RunScript>;
+
+    fn handle(&mut self, job: RunScript, _: &mut SyncContext<Self>) -> Self::Result {
+        let result = (|| {
+            let key = self.ensure_compiled(&job.script)?;
+            let data = if serde_json::from_str::<serde_json::Value>(&job.data).is_ok() {
+                job.data.clone()
+            } else {
+                serde_json::Value::String(job.data.clone()).to_string()
+            };
+            Ok(self.runtime.call(
+                &key,
+                &[JsArg::Json(&data), JsArg::StringMap(&job.metadata), JsArg::Str(&job.msg_type)],
+            )?)
+        })();
+        MessageResult(result)
+    }
+}

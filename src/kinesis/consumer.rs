@@ -1,0 +1,661 @@
+//! The shard consumer actor: reads one shard with GetRecords, hands the
+//! records to the uplink converter and the rule chain in order, and moves
+//! the shard's checkpoint as records are done.
+//!
+//! Reading honours Kinesis' limit of five GetRecords calls per second per
+//! shard (one call per 200 ms), waits up to about a second between calls
+//! only when caught up (an empty read with MillisBehindLatest 0), and backs
+//! off with jitter on throttling. The in-flight window bounds the records
+//! and bytes fetched but not done: no fetch happens while it is full.
+//! Records of the shard are decoded in batches; batches may finish on
+//! different converter workers in any order, but enter the chain in
+//! sequence order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use bytes::Bytes;
+use rand::Rng;
+
+use super::window::Window;
+use super::Integration;
+use crate::config::InitialPosition;
+use crate::convert::{ConvertError, Decode, DecodeInput, Uplink};
+use crate::delivery::{CompletionSink, SourceRecord, Ticket};
+use crate::status::ShardState;
+use crate::store::Write;
+
+/// Least time between two GetRecords calls on one shard.
+const CALL_INTERVAL: Duration = Duration::from_millis(200);
+/// Longest wait between calls when caught up.
+const MAX_IDLE_WAIT: Duration = Duration::from_millis(1000);
+/// Longest backoff after errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(20);
+
+/// Where the next shard iterator starts.
+#[derive(Debug, Clone)]
+enum Position {
+    After(String),
+    Initial(InitialPosition),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Getting a shard iterator.
+    Positioning,
+    /// Ready to call GetRecords when allowed.
+    Idle,
+    /// A GetRecords call is under way.
+    Fetching,
+    /// The window is full; waiting for records to be done.
+    Blocked,
+    /// SHARD_END was read; waiting for the last records to be done.
+    Ended,
+    /// Stopped: shutting down, or an error a person must look at.
+    Stopped,
+}
+
+pub struct ShardConsumer {
+    integration: Arc<Integration>,
+    shard_id: String,
+    phase: Phase,
+    iterator: Option<String>,
+    start: Position,
+    last_fetched: Option<String>,
+    window: Window,
+    sink: Option<Arc<dyn CompletionSink>>,
+    next_call_at: Instant,
+    idle_wait: Duration,
+    backoff: Duration,
+    batches_sent: u64,
+    next_batch: u64,
+    converted: BTreeMap<u64, ConvertedBatch>,
+    written_checkpoint: Option<String>,
+    drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    poll_scheduled: bool,
+}
+
+struct ConvertedBatch {
+    records: Vec<(u64, Arc<SourceRecord>)>,
+    results: Vec<Result<Vec<Uplink>, ConvertError>>,
+}
+
+impl ShardConsumer {
+    pub fn new(integration: Arc<Integration>, shard_id: String, checkpoint: Option<String>) -> Self {
+        let start = match &checkpoint {
+            Some(sequence) => Position::After(sequence.clone()),
+            None => Position::Initial(integration.config.initial_position),
+        };
+        ShardConsumer {
+            integration,
+            shard_id,
+            phase: Phase::Positioning,
+            iterator: None,
+            start,
+            last_fetched: None,
+            window: Window::new(),
+            sink: None,
+            next_call_at: Instant::now(),
+            idle_wait: Duration::ZERO,
+            backoff: Duration::ZERO,
+            batches_sent: 0,
+            next_batch: 0,
+            converted: BTreeMap::new(),
+            written_checkpoint: checkpoint,
+            drain_waiters: Vec::new(),
+            poll_scheduled: false,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.integration.config.name
+    }
+
+    fn stream(&self) -> &str {
+        &self.integration.config.stream_name
+    }
+
+    fn set_state(&self, state: ShardState, error: Option<String>) {
+        let in_flight = self.window.records();
+        let checkpoint = self.written_checkpoint.clone();
+        self.integration.status.update(self.name(), &self.shard_id, |s| {
+            s.state = state;
+            s.in_flight = in_flight;
+            s.checkpoint = checkpoint;
+            if error.is_some() {
+                s.last_error = error;
+            }
+        });
+    }
+
+    /// Gets a shard iterator at the current position.
+    fn position(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Positioning;
+        let position = match &self.last_fetched {
+            Some(sequence) => Position::After(sequence.clone()),
+            None => self.start.clone(),
+        };
+        let client = self.integration.client.clone();
+        let stream = self.stream().to_string();
+        let shard = self.shard_id.clone();
+        let task = self.integration.io.spawn(async move {
+            let request = client.get_shard_iterator().stream_name(stream).shard_id(shard);
+            let request = match position {
+                Position::After(sequence) => request
+                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                    .starting_sequence_number(sequence),
+                Position::Initial(InitialPosition::Latest) => {
+                    request.shard_iterator_type(ShardIteratorType::Latest)
+                }
+                Position::Initial(InitialPosition::TrimHorizon) => {
+                    request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+                }
+                Position::Initial(InitialPosition::AtTimestamp(ms)) => request
+                    .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                    .timestamp(aws_smithy_types::DateTime::from_millis(ms)),
+            };
+            request
+                .send()
+                .await
+                .map(|out| out.shard_iterator().map(str::to_string))
+                .map_err(|e| describe(&e))
+        });
+        ctx.spawn(
+            async move { task.await.unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string()))) }
+                .into_actor(self)
+                .map(|result, consumer, ctx| consumer.positioned(result, ctx)),
+        );
+    }
+
+    fn positioned(&mut self, result: Result<Option<String>, (String, String)>, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        match result {
+            Ok(Some(iterator)) => {
+                self.iterator = Some(iterator);
+                self.phase = Phase::Idle;
+                self.backoff = Duration::ZERO;
+                self.set_state(ShardState::Reading, None);
+                ctx.notify(Poll);
+            }
+            Ok(None) => self.reached_shard_end(ctx),
+            Err((code, message)) => {
+                let wait = self.next_backoff(&code);
+                tracing::warn!(
+                    integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                    error = %format!("{code}: {message}"), retry_in_ms = wait.as_millis() as u64,
+                    "cannot get a shard iterator; retrying"
+                );
+                self.set_state(ShardState::Retrying, Some(format!("{code}: {message}")));
+                ctx.run_later(wait, |consumer, ctx| consumer.position(ctx));
+            }
+        }
+    }
+
+    fn next_backoff(&mut self, code: &str) -> Duration {
+        let base = if code == "ResourceNotFoundException" {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(500)
+        };
+        self.backoff = (self.backoff * 2).clamp(base, MAX_BACKOFF);
+        let jitter = rand::rng().random_range(0..=self.backoff.as_millis() as u64 / 2);
+        self.backoff + Duration::from_millis(jitter)
+    }
+
+    fn window_full(&self) -> bool {
+        let pipeline = &self.integration.pipeline;
+        self.window.records() >= pipeline.max_in_flight_records
+            || self.window.bytes() >= pipeline.max_in_flight_bytes
+    }
+
+    fn poll(&mut self, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Idle && self.phase != Phase::Blocked {
+            return;
+        }
+        if self.window_full() {
+            self.phase = Phase::Blocked;
+            return;
+        }
+        self.phase = Phase::Idle;
+        let now = Instant::now();
+        if self.next_call_at > now {
+            if !self.poll_scheduled {
+                self.poll_scheduled = true;
+                ctx.run_later(self.next_call_at - now, |consumer, ctx| {
+                    consumer.poll_scheduled = false;
+                    consumer.poll(ctx);
+                });
+            }
+            return;
+        }
+        let Some(iterator) = self.iterator.clone() else {
+            return;
+        };
+        self.phase = Phase::Fetching;
+        self.next_call_at = now + CALL_INTERVAL;
+        let room = self.integration.pipeline.max_in_flight_records - self.window.records();
+        let limit = (self.integration.config.max_records as usize).min(room).max(1) as i32;
+        let client = self.integration.client.clone();
+        let task = self.integration.io.spawn(async move {
+            client
+                .get_records()
+                .shard_iterator(iterator)
+                .limit(limit)
+                .send()
+                .await
+                .map_err(|e| describe(&e))
+        });
+        ctx.spawn(
+            async move { task.await.unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string()))) }
+                .into_actor(self)
+                .map(|result, consumer, ctx| consumer.fetched(result, ctx)),
+        );
+    }
+
+    fn fetched(
+        &mut self,
+        result: Result<aws_sdk_kinesis::operation::get_records::GetRecordsOutput, (String, String)>,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        let output = match result {
+            Ok(output) => output,
+            Err((code, message)) => return self.fetch_failed(code, message, ctx),
+        };
+        self.backoff = Duration::ZERO;
+        let behind = output.millis_behind_latest();
+        let records = output.records();
+        let fetched = records.len();
+
+        if let Err(e) = self.accept(records, ctx) {
+            tracing::error!(
+                integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                error = %e, "shard stopped: the stream returned records out of order"
+            );
+            self.stop(ShardState::Failed, Some(e));
+            return;
+        }
+        self.integration.status.update(self.name(), &self.shard_id, |s| {
+            s.millis_behind_latest = behind;
+            s.records_read += fetched as u64;
+        });
+
+        // Caught up: wait before the next call, longer while it stays so.
+        if fetched == 0 && behind == Some(0) {
+            self.idle_wait = (self.idle_wait * 2).clamp(CALL_INTERVAL, MAX_IDLE_WAIT);
+            self.next_call_at = self.next_call_at.max(Instant::now() + self.idle_wait);
+        } else {
+            self.idle_wait = Duration::ZERO;
+        }
+
+        match output.next_shard_iterator() {
+            Some(next) => {
+                self.iterator = Some(next.to_string());
+                self.phase = Phase::Idle;
+                self.poll(ctx);
+            }
+            None => self.reached_shard_end(ctx),
+        }
+    }
+
+    /// Puts fetched records in the window and sends them to the converter.
+    fn accept(&mut self, records: &[aws_sdk_kinesis::types::Record], ctx: &mut Context<Self>) -> Result<(), String> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let config = &self.integration.config;
+        let mut batch = Vec::with_capacity(records.len());
+        let mut inputs = Vec::with_capacity(records.len());
+        for record in records {
+            let payload = Bytes::copy_from_slice(record.data().as_ref());
+            let index = self
+                .window
+                .push(record.sequence_number(), payload.len())
+                .map_err(|e| e.to_string())?;
+            let arrival_ms = record
+                .approximate_arrival_timestamp()
+                .and_then(|t| t.to_millis().ok())
+                .unwrap_or_else(crate::msg::now_millis);
+            let source = Arc::new(SourceRecord {
+                integration: config.name.clone(),
+                stream: config.stream_name.clone(),
+                shard: self.shard_id.clone(),
+                sequence_number: record.sequence_number().to_string(),
+                partition_key: record.partition_key().unwrap_or_default().to_string(),
+                arrival_ms,
+                payload: payload.clone(),
+            });
+            inputs.push(DecodeInput {
+                payload,
+                metadata: decoder_metadata(&source),
+            });
+            batch.push((index, source));
+            self.last_fetched = Some(record.sequence_number().to_string());
+        }
+
+        let number = self.batches_sent;
+        self.batches_sent += 1;
+        let job = Decode {
+            script: self.integration.decoder(),
+            records: inputs,
+        };
+        let pool = self.integration.js.clone();
+        ctx.spawn(pool.send(job).into_actor(self).map(move |result, consumer, ctx| {
+            let results = result.unwrap_or_else(|_| vec![Err(ConvertError::PoolGone); batch.len()]);
+            consumer.converted.insert(number, ConvertedBatch { records: batch, results });
+            consumer.forward(ctx);
+        }));
+        Ok(())
+    }
+
+    /// Sends converted batches to the chain, strictly in fetch order.
+    fn forward(&mut self, ctx: &mut Context<Self>) {
+        while let Some(batch) = self.converted.remove(&self.next_batch) {
+            self.next_batch += 1;
+            for ((index, source), result) in batch.records.into_iter().zip(batch.results) {
+                if matches!(result, Err(ConvertError::PoolGone)) {
+                    tracing::error!(integration = %self.name(), shard = %self.shard_id,
+                        "shard stopped: the converter pool is gone");
+                    self.stop(ShardState::Failed, Some("converter pool is gone".into()));
+                    return;
+                }
+                let ticket = Ticket::new(index, self.sink(ctx), source.clone());
+                match result {
+                    Ok(uplinks) => self.submit(&uplinks, &source, ticket),
+                    Err(e) => self.dead_letter(&source, ticket, e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn submit(&self, uplinks: &[Uplink], source: &SourceRecord, ticket: Ticket) {
+        match crate::ingest::uplink_messages(uplinks, source, &self.integration.store, &ticket) {
+            Ok(messages) => {
+                for msg in messages {
+                    self.integration.engine.submit(msg, ticket.clone());
+                }
+            }
+            Err(e) => self.dead_letter(source, ticket, format!("cannot store the device: {e}")),
+        }
+    }
+
+    fn dead_letter(&self, source: &SourceRecord, ticket: Ticket, error: String) {
+        tracing::error!(
+            integration = %source.integration, stream = %source.stream, shard = %source.shard,
+            sequence_number = %source.sequence_number, partition_key = %source.partition_key,
+            error = %error, "record not processed; kept as a dead letter"
+        );
+        self.integration.status.update(self.name(), &self.shard_id, |s| s.records_failed += 1);
+        let write = Write::DeadLetter {
+            integration: source.integration.clone(),
+            stream: source.stream.clone(),
+            shard: source.shard.clone(),
+            sequence_number: source.sequence_number.clone(),
+            partition_key: source.partition_key.clone(),
+            payload: source.payload.to_vec(),
+            error,
+            chain: None,
+            node: None,
+            message: None,
+        };
+        if let Err(e) = self.integration.store.submit(vec![write], Some(ticket)) {
+            tracing::error!(integration = %self.name(), shard = %self.shard_id, error = %e, "dead letter not stored");
+        }
+    }
+
+    fn sink(&mut self, ctx: &mut Context<Self>) -> Arc<dyn CompletionSink> {
+        self.sink
+            .get_or_insert_with(|| Arc::new(ShardSink(ctx.address())))
+            .clone()
+    }
+
+    fn fetch_failed(&mut self, code: String, message: String, ctx: &mut Context<Self>) {
+        let error = format!("{code}: {message}");
+        if code == "ExpiredIteratorException" {
+            tracing::warn!(integration = %self.name(), shard = %self.shard_id, "shard iterator expired; getting a new one");
+            self.iterator = None;
+            self.position(ctx);
+            return;
+        }
+        let wait = self.next_backoff(&code);
+        let throttled = matches!(
+            code.as_str(),
+            "ProvisionedThroughputExceededException" | "LimitExceededException" | "ThrottlingException"
+        );
+        if throttled {
+            tracing::warn!(integration = %self.name(), shard = %self.shard_id, retry_in_ms = wait.as_millis() as u64, "GetRecords throttled; backing off");
+        } else {
+            tracing::warn!(integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                error = %error, retry_in_ms = wait.as_millis() as u64, "GetRecords failed; retrying");
+            self.set_state(ShardState::Retrying, Some(error));
+        }
+        self.next_call_at = Instant::now() + wait;
+        if code == "ResourceNotFoundException" {
+            // The stream may have been deleted and re-created: position again.
+            ctx.run_later(wait, |consumer, ctx| consumer.position(ctx));
+            return;
+        }
+        self.phase = Phase::Idle;
+        self.poll(ctx);
+    }
+
+    fn reached_shard_end(&mut self, ctx: &mut Context<Self>) {
+        tracing::info!(integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+            "shard end reached; finishing once its records are done");
+        self.iterator = None;
+        self.phase = Phase::Ended;
+        self.finish_if_done(ctx);
+    }
+
+    fn finish_if_done(&mut self, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Ended || !self.window.is_empty() || !self.converted.is_empty() {
+            return;
+        }
+        let write = self.checkpoint_write(true);
+        let store = self.integration.store.clone();
+        ctx.spawn(
+            async move { store.write(vec![write], None).await }
+                .into_actor(self)
+                .map(|result, consumer, ctx| match result {
+                    Ok(()) => {
+                        tracing::info!(integration = %consumer.name(), shard = %consumer.shard_id, "shard finished");
+                        consumer.set_state(ShardState::Finished, None);
+                        consumer.phase = Phase::Stopped;
+                        for waiter in consumer.drain_waiters.drain(..) {
+                            let _ = waiter.send(());
+                        }
+                        ctx.stop();
+                    }
+                    Err(e) => tracing::error!(shard = %consumer.shard_id, error = %e, "shard end not recorded"),
+                }),
+        );
+    }
+
+    fn checkpoint_write(&self, shard_end: bool) -> Write {
+        Write::Checkpoint {
+            application: self.integration.config.application_name.clone(),
+            stream: self.stream().to_string(),
+            shard: self.shard_id.clone(),
+            sequence_number: self
+                .window
+                .checkpoint()
+                .map(str::to_string)
+                .or_else(|| self.written_checkpoint.clone()),
+            shard_end,
+        }
+    }
+
+    /// Writes the checkpoint if it moved. Everything it covers is already
+    /// committed (tickets are released only after their commit).
+    fn save_checkpoint(&mut self) {
+        let current = self.window.checkpoint().map(str::to_string);
+        if current.is_none() || current == self.written_checkpoint {
+            return;
+        }
+        let write = self.checkpoint_write(false);
+        if self.integration.store.submit(vec![write], None).is_ok() {
+            self.written_checkpoint = current;
+            self.set_state(self.current_state(), None);
+        }
+    }
+
+    fn current_state(&self) -> ShardState {
+        match self.phase {
+            Phase::Positioning => ShardState::Starting,
+            Phase::Stopped => ShardState::Failed,
+            _ => ShardState::Reading,
+        }
+    }
+
+    fn stop(&mut self, state: ShardState, error: Option<String>) {
+        self.phase = Phase::Stopped;
+        self.set_state(state, error);
+    }
+
+    fn drained(&self) -> bool {
+        self.window.is_empty() && self.converted.is_empty()
+    }
+}
+
+impl Actor for ShardConsumer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        tracing::info!(
+            integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+            start = ?self.start, "shard consumer started"
+        );
+        self.set_state(ShardState::Starting, None);
+        let interval = Duration::from_millis(self.integration.pipeline.checkpoint_interval_ms.max(10));
+        ctx.run_interval(interval, |consumer, _| consumer.save_checkpoint());
+        self.position(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        tracing::info!(integration = %self.name(), shard = %self.shard_id, "shard consumer stopped");
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Poll;
+
+impl Handler<Poll> for ShardConsumer {
+    type Result = ();
+    fn handle(&mut self, _: Poll, ctx: &mut Context<Self>) {
+        self.poll(ctx);
+    }
+}
+
+/// A record's ticket was released.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RecordDone {
+    index: u64,
+    ok: bool,
+}
+
+impl Handler<RecordDone> for ShardConsumer {
+    type Result = ();
+
+    fn handle(&mut self, done: RecordDone, ctx: &mut Context<Self>) {
+        if !done.ok {
+            tracing::error!(
+                integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                "a record's processing crashed; the shard stops here and its checkpoint does not move past it"
+            );
+            self.stop(ShardState::Failed, Some("record processing crashed".into()));
+            return;
+        }
+        self.window.complete(done.index);
+        if self.phase == Phase::Blocked && !self.window_full() {
+            self.poll(ctx);
+        }
+        self.finish_if_done(ctx);
+        if self.drained() && !self.drain_waiters.is_empty() {
+            self.save_checkpoint();
+            let store = self.integration.store.clone();
+            let waiters = std::mem::take(&mut self.drain_waiters);
+            ctx.spawn(
+                async move {
+                    let _ = store.flush().await;
+                    for waiter in waiters {
+                        let _ = waiter.send(());
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+}
+
+/// Stops reading and answers once every fetched record is done and the
+/// checkpoint is written.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+impl Handler<Drain> for ShardConsumer {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        if self.phase != Phase::Ended {
+            self.phase = Phase::Stopped;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.drained() {
+            self.save_checkpoint();
+            let store = self.integration.store.clone();
+            return Box::pin(async move {
+                let _ = store.flush().await;
+            });
+        }
+        self.drain_waiters.push(tx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+struct ShardSink(Addr<ShardConsumer>);
+
+impl CompletionSink for ShardSink {
+    fn complete(&self, index: u64, ok: bool) {
+        self.0.do_send(RecordDone { index, ok });
+    }
+}
+
+/// The metadata object ThingsBoard's Kinesis integration gives `Decoder`.
+fn decoder_metadata(source: &SourceRecord) -> BTreeMap<String, String> {
+    let mut metadata = BTreeMap::new();
+    metadata.insert("integrationName".into(), source.integration.clone());
+    metadata.insert("streamName".into(), source.stream.clone());
+    metadata.insert("shardId".into(), source.shard.clone());
+    metadata.insert("partitionKey".into(), source.partition_key.clone());
+    metadata.insert("sequenceNumber".into(), source.sequence_number.clone());
+    metadata.insert("approximateArrivalTimestamp".into(), source.arrival_ms.to_string());
+    metadata
+}
+
+/// An SDK error as (code, message); the code is the service's error name
+/// when there is one.
+pub(crate) fn describe<E, R>(error: &aws_sdk_kinesis::error::SdkError<E, R>) -> (String, String)
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = error.code().unwrap_or("RequestFailed").to_string();
+    let message = error
+        .message()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{}", aws_sdk_kinesis::error::DisplayErrorContext(error)));
+    (code, message)
+}

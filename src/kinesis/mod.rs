@@ -1,0 +1,149 @@
+//! The Kinesis side: shard discovery, one consumer actor per shard, and the
+//! downlink producer. It feeds the rule engine and knows nothing of HTTP.
+
+pub mod client;
+pub mod consumer;
+pub mod producer;
+pub mod window;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use aws_sdk_kinesis::types::Shard;
+use aws_sdk_kinesis::Client;
+
+use crate::chain::RuleEngine;
+use crate::config::{IntegrationConfig, PipelineConfig};
+use crate::convert::{ConverterWorker, Script};
+use crate::status::StatusBoard;
+use crate::store::Store;
+use consumer::{describe, Drain, ShardConsumer};
+
+/// An integration's shared runtime parts.
+pub struct Integration {
+    pub config: IntegrationConfig,
+    pub pipeline: PipelineConfig,
+    pub client: Client,
+    /// The tokio runtime AWS calls run on.
+    pub io: tokio::runtime::Handle,
+    pub decoder: Arc<Script>,
+    pub js: Addr<ConverterWorker>,
+    pub store: Store,
+    pub engine: RuleEngine,
+    pub status: StatusBoard,
+}
+
+impl Integration {
+    pub fn decoder(&self) -> Arc<Script> {
+        self.decoder.clone()
+    }
+}
+
+/// The consumers of a started integration.
+#[derive(Clone, Default)]
+pub struct Consumers(Arc<Mutex<Vec<Addr<ShardConsumer>>>>);
+
+impl Consumers {
+    /// Stops every consumer and waits (up to `limit`) until the records it
+    /// fetched are done and its checkpoint is written.
+    pub async fn drain(&self, limit: Duration) {
+        let consumers: Vec<_> = self.0.lock().expect("consumers lock").clone();
+        let waits = consumers.iter().map(|c| c.send(Drain));
+        if tokio::time::timeout(limit, futures::future::join_all(waits)).await.is_err() {
+            tracing::warn!(
+                "records still in flight after {limit:?}; they will be read again after restart"
+            );
+        }
+    }
+}
+
+/// Lists the stream's shards (retrying until the stream is reachable) and
+/// starts a consumer for each shard that is not finished.
+pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consumers: Consumers) {
+    let io = integration.io.clone();
+    io.spawn(async move {
+        let shards = list_until_found(&integration).await;
+        let mut started = 0usize;
+        for shard in shards {
+            let id = shard.shard_id().to_string();
+            let checkpoint = {
+                let store = integration.store.clone();
+                let (app, stream, shard_id) = (
+                    integration.config.application_name.clone(),
+                    integration.config.stream_name.clone(),
+                    id.clone(),
+                );
+                tokio::task::spawn_blocking(move || store.checkpoint(&app, &stream, &shard_id))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+            };
+            if checkpoint.as_ref().is_some_and(|c| c.shard_end) {
+                tracing::info!(integration = %integration.config.name, shard = %id, "shard already finished; skipped");
+                continue;
+            }
+            // Listed as starting before the actor runs, so /ready waits for it.
+            integration.status.update(&integration.config.name, &id, |_| {});
+            let integration = integration.clone();
+            let arbiter = &arbiters[started % arbiters.len()];
+            started += 1;
+            let addr = ShardConsumer::start_in_arbiter(arbiter, move |_| {
+                ShardConsumer::new(integration, id, checkpoint.and_then(|c| c.sequence_number))
+            });
+            consumers.0.lock().expect("consumers lock").push(addr);
+        }
+        integration.status.integration_pending(&integration.config.name, None);
+    });
+}
+
+async fn list_until_found(integration: &Integration) -> Vec<Shard> {
+    let config = &integration.config;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match list_shards(&integration.client, &config.stream_name).await {
+            Ok(shards) => {
+                tracing::info!(
+                    integration = %config.name, stream = %config.stream_name, shards = shards.len(),
+                    "stream found"
+                );
+                return shards;
+            }
+            Err((code, message)) => {
+                let reason = if code == "ResourceNotFoundException" {
+                    format!(
+                        "stream {:?} not found in region {} ({message}); create it or fix stream_name/region",
+                        config.stream_name, config.region
+                    )
+                } else {
+                    format!("cannot list the shards of stream {:?} in region {}: {code}: {message}", config.stream_name, config.region)
+                };
+                tracing::error!(integration = %config.name, stream = %config.stream_name,
+                    retry_in_s = pause.as_secs(), "{reason}");
+                integration.status.integration_pending(&config.name, Some(reason));
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Every shard of a stream, following ListShards pagination.
+pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<Shard>, (String, String)> {
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let request = match &token {
+            // With a token, ListShards takes no stream name.
+            Some(token) => client.list_shards().next_token(token),
+            None => client.list_shards().stream_name(stream),
+        };
+        let output = request.send().await.map_err(|e| describe(&e))?;
+        shards.extend(output.shards().iter().cloned());
+        match output.next_token() {
+            Some(next) => token = Some(next.to_string()),
+            None => return Ok(shards),
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Wires the service together and runs it until SIGINT/SIGTERM.
+//!
+//! Start-up order: lock the data directory, open the store, load and check
+//! the root chain and the converters, start the converter pool, the rule
+//! node actors, the downlink producers, the shard consumers and the HTTP
+//! API. On shutdown the consumers stop reading and wait for the records in
+//! flight to be done, so the last checkpoints cover everything processed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::{bail, Context as _};
+
+use crate::api::{self, auth::Auth, ApiState};
+use crate::chain::{self, DownlinkTarget, RuleEngine, Services};
+use crate::config::{Config, IntegrationConfig};
+use crate::convert::js::JsLimits;
+use crate::convert::{ConverterWorker, Script, ScriptKind};
+use crate::kinesis::{self, producer::DownlinkProducer, producer::ProducerSender, Consumers, Integration};
+use crate::status::StatusBoard;
+use crate::store::{DataDirLock, Store};
+
+/// How long shutdown waits for records in flight.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+pub fn js_limits(config: &Config) -> JsLimits {
+    JsLimits {
+        call_timeout: Duration::from_millis(config.js.call_timeout_ms),
+        memory_limit_bytes: config.js.memory_limit_mb << 20,
+    }
+}
+
+/// Everything `check` and `run` verify before starting: the root chain,
+/// the converters and the references between them. Returns every problem.
+pub fn preflight(config: &Config) -> (Option<chain::ChainDef>, Vec<String>) {
+    let mut problems = Vec::new();
+    let limits = js_limits(config);
+    let chain = match chain::loader::load(&config.root_chain) {
+        Ok(def) => Some(def),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    if let Some(def) = &chain {
+        for index in def.graph.node_indices() {
+            let node = &def.graph[index];
+            for body in node.kind.scripts() {
+                let script = Script::new(ScriptKind::RuleNode, node.label(), body);
+                if let Err(e) = script.check(limits) {
+                    problems.push(format!("rule chain {}: node {}: {e}", def.file.display(), node.label()));
+                }
+            }
+            if let chain::nodes::NodeKind::IntegrationDownlink(_) = &node.kind {
+                if !config.integrations.iter().any(|i| i.downlink_converter.is_some()) {
+                    problems.push(format!(
+                        "rule chain {}: node {} sends downlinks but no integration has a downlink_converter",
+                        def.file.display(),
+                        node.label()
+                    ));
+                }
+            }
+        }
+    }
+    for integration in &config.integrations {
+        let files = [
+            (ScriptKind::Decoder, Some(&integration.uplink_converter)),
+            (ScriptKind::Encoder, integration.downlink_converter.as_ref()),
+        ];
+        for (kind, path) in files {
+            let Some(path) = path else { continue };
+            match Script::load(kind, path) {
+                Ok(script) => {
+                    if let Err(e) = script.check(limits) {
+                        problems.push(format!("converter {}: {e}", path.display()));
+                    }
+                }
+                Err(e) => problems.push(format!("converter {}: cannot read: {e}", path.display())),
+            }
+        }
+    }
+    (chain, problems)
+}
+
+/// Runs the service until a stop signal.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let _lock = DataDirLock::acquire(&config.data_dir)?;
+    let (chain, problems) = preflight(&config);
+    if !problems.is_empty() {
+        bail!("cannot start:\n  - {}", problems.join("\n  - "));
+    }
+    let chain = chain.expect("no problems means the chain loaded");
+    let store = Store::open(&config.data_dir).context("cannot open the store")?;
+    let bind: SocketAddr = config.http.bind.parse().context("http.bind")?;
+
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("io")
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime")?;
+    let listener = io
+        .block_on(tokio::net::TcpListener::bind(bind))
+        .with_context(|| format!("cannot listen on {bind}"))?;
+    let auth = Arc::new(Auth::load(
+        &config.data_dir,
+        config.http.username.clone(),
+        config.http.password.clone(),
+        config.http.token_ttl_secs,
+    )?);
+
+    let system = actix::System::new();
+    let result = system.block_on(serve(config, chain, store, io.handle().clone(), listener, auth));
+    io.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+async fn serve(
+    config: Config,
+    chain_def: chain::ChainDef,
+    store: Store,
+    io: tokio::runtime::Handle,
+    listener: tokio::net::TcpListener,
+    auth: Arc<Auth>,
+) -> anyhow::Result<()> {
+    let arbiters: Vec<ArbiterHandle> = (0..Config::threads(config.pipeline.chain_threads))
+        .map(|_| Arbiter::new().handle())
+        .collect();
+    let js = ConverterWorker::start_pool(Config::threads(config.js.workers), js_limits(&config));
+    let status = StatusBoard::default();
+
+    // AWS clients and downlink producers, one per integration.
+    let mut clients = HashMap::new();
+    let mut downlinks = HashMap::new();
+    for (n, integration) in config.integrations.iter().enumerate() {
+        let owned = integration.clone();
+        let client = io.spawn(async move { kinesis::client::build(&owned).await }).await?;
+        if let Some(path) = &integration.downlink_converter {
+            let encoder = Script::load(ScriptKind::Encoder, path)?;
+            let producer = DownlinkProducer::new(integration.name.clone(), client.clone(), io.clone());
+            let addr = DownlinkProducer::start_in_arbiter(&arbiters[n % arbiters.len()], move |_| producer);
+            downlinks.insert(
+                integration.name.clone(),
+                DownlinkTarget {
+                    integration: integration.name.clone(),
+                    encoder,
+                    sender: Arc::new(ProducerSender(addr)),
+                },
+            );
+        }
+        clients.insert(integration.name.clone(), client);
+    }
+
+    let services = Services {
+        store: store.clone(),
+        js: js.clone(),
+        downlinks,
+    };
+    let engine = RuleEngine::start(&chain_def, services, &arbiters);
+    tracing::info!(chain = %engine.name(), file = %chain_def.file.display(), nodes = chain_def.graph.node_count(), "rule chain loaded");
+
+    let consumers = Consumers::default();
+    for integration in &config.integrations {
+        let runtime = Arc::new(Integration {
+            config: integration.clone(),
+            pipeline: config.pipeline.clone(),
+            client: clients[&integration.name].clone(),
+            io: io.clone(),
+            decoder: Script::load(ScriptKind::Decoder, &integration.uplink_converter)?,
+            js: js.clone(),
+            store: store.clone(),
+            engine: engine.clone(),
+            status: status.clone(),
+        });
+        status.integration_pending(&integration.name, Some("listing shards".into()));
+        log_integration(integration);
+        kinesis::start(runtime, arbiters.clone(), consumers.clone());
+    }
+
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = api::router(ApiState {
+        store: store.clone(),
+        engine: engine.clone(),
+        auth,
+        status,
+    });
+    let address = listener.local_addr()?;
+    io.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = api_stopped.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    });
+    tracing::info!(address = %address, "shardflow started; HTTP API listening");
+
+    io.spawn(stop_signal()).await?;
+    tracing::info!("stopping: waiting for records in flight");
+    consumers.drain(DRAIN_LIMIT).await;
+    store.flush().await?;
+    let _ = stop_api.send(());
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+    tracing::info!("shardflow stopped");
+    System::current().stop();
+    Ok(())
+}
+
+fn log_integration(integration: &IntegrationConfig) {
+    tracing::info!(
+        integration = %integration.name,
+        stream = %integration.stream_name,
+        region = %integration.region,
+        application = %integration.application_name,
+        endpoint = integration.endpoint_url.as_deref().unwrap_or("AWS"),
+        initial_position = ?integration.initial_position,
+        "integration configured"
+    );
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,477 @@
+//! Embedded storage: entities, telemetry, attributes, checkpoints and dead
+//! letters in one SQLite file.
+//!
+//! Writes go through one writer thread that owns the write connection. It
+//! takes whatever jobs are queued, applies them in one transaction and
+//! commits with `synchronous = FULL`, then answers each job and drops the
+//! delivery tickets it held: a ticket is released only after its data is on
+//! disk. Jobs are applied in the order they were sent. Reads use their own
+//! connection (WAL lets them run beside the writer). Storage knows nothing
+//! of rules or streams.
+
+mod value;
+mod writer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::delivery::Ticket;
+use crate::msg::{EntityId, EntityType};
+pub use value::KvValue;
+pub use writer::Write;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another shardflow instance is using the data directory {0} (lock file held); \
+         stop it or choose another data_dir"
+    )]
+    Locked(PathBuf),
+    #[error("the store writer has stopped")]
+    WriterGone,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Attribute scopes, as ThingsBoard names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Scope {
+    #[serde(rename = "CLIENT_SCOPE")]
+    Client,
+    #[serde(rename = "SERVER_SCOPE")]
+    Server,
+    #[serde(rename = "SHARED_SCOPE")]
+    Shared,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Client => "CLIENT_SCOPE",
+            Scope::Server => "SERVER_SCOPE",
+            Scope::Shared => "SHARED_SCOPE",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Scope> {
+        match text {
+            "CLIENT_SCOPE" => Some(Scope::Client),
+            "SERVER_SCOPE" => Some(Scope::Server),
+            "SHARED_SCOPE" => Some(Scope::Shared),
+            _ => None,
+        }
+    }
+
+    pub const ALL: [Scope; 3] = [Scope::Client, Scope::Server, Scope::Shared];
+}
+
+/// A device or an asset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    pub id: EntityId,
+    pub name: String,
+    /// The device type (ThingsBoard's profile name).
+    pub profile: String,
+    pub label: Option<String>,
+    pub customer_name: Option<String>,
+    pub group_name: Option<String>,
+    pub created_time: i64,
+}
+
+/// A stored value with its timestamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TsValue {
+    pub key: String,
+    pub ts: i64,
+    pub value: KvValue,
+}
+
+/// A shard's stored checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub sequence_number: Option<String>,
+    pub shard_end: bool,
+}
+
+/// A record or message that could not be processed, kept with its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub created_ms: i64,
+    pub integration: String,
+    pub stream: String,
+    pub shard: String,
+    pub sequence_number: String,
+    pub partition_key: String,
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    pub error: String,
+    pub chain: Option<String>,
+    pub node: Option<String>,
+    /// The rule-engine message, as JSON, when the failure was in the chain.
+    pub message: Option<String>,
+}
+
+/// The store: a writer thread and a read connection over one file.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::UnboundedSender<writer::Job>,
+    reader: Arc<Mutex<Connection>>,
+    entities: Arc<Mutex<HashMap<(EntityType, String), Entity>>>,
+    path: PathBuf,
+}
+
+/// Holds the data directory's lock for as long as it lives.
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `dir`, creating it if needed. A second instance on
+    /// the same directory gets [`StoreError::Locked`].
+    pub fn acquire(dir: &Path) -> Result<DataDirLock, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("shardflow.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StoreError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(DataDirLock { _file: file }),
+            Err(_) => Err(StoreError::Locked(dir.to_path_buf())),
+        }
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entities (
+    id TEXT PRIMARY KEY,
+    entity_type TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    label TEXT,
+    customer_name TEXT,
+    group_name TEXT,
+    created_time INTEGER NOT NULL,
+    UNIQUE (entity_type, name)
+);
+CREATE TABLE IF NOT EXISTS ts_kv (
+    entity_id TEXT NOT NULL, key TEXT NOT NULL, ts INTEGER NOT NULL,
+    kind INTEGER NOT NULL, long_v INTEGER, dbl_v REAL, str_v TEXT,
+    PRIMARY KEY (entity_id, key, ts)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ts_kv_latest (
+    entity_id TEXT NOT NULL, key TEXT NOT NULL, ts INTEGER NOT NULL,
+    kind INTEGER NOT NULL, long_v INTEGER, dbl_v REAL, str_v TEXT,
+    PRIMARY KEY (entity_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attributes (
+    entity_id TEXT NOT NULL, scope TEXT NOT NULL, key TEXT NOT NULL,
+    last_update_ts INTEGER NOT NULL,
+    kind INTEGER NOT NULL, long_v INTEGER, dbl_v REAL, str_v TEXT,
+    PRIMARY KEY (entity_id, scope, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    application TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL,
+    sequence_number TEXT, shard_end INTEGER NOT NULL DEFAULT 0,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (application, stream, shard)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_ms INTEGER NOT NULL,
+    integration TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL,
+    sequence_number TEXT NOT NULL, partition_key TEXT NOT NULL,
+    payload BLOB NOT NULL, error TEXT NOT NULL,
+    chain TEXT, node TEXT, message TEXT
+);
+";
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (or creates) `shardflow.db` in `dir` and starts the writer.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("shardflow.db");
+        let write_conn = open_connection(&path)?;
+        write_conn.execute_batch(SCHEMA)?;
+        let reader = open_connection(&path)?;
+        let entities = load_entities(&reader)?;
+        let jobs = writer::spawn(write_conn);
+        Ok(Store {
+            jobs,
+            reader: Arc::new(Mutex::new(reader)),
+            entities: Arc::new(Mutex::new(entities)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues writes; the ticket is held until they are committed.
+    pub fn submit(&self, writes: Vec<Write>, ticket: Option<Ticket>) -> Result<(), StoreError> {
+        self.jobs
+            .send(writer::Job {
+                writes,
+                reply: None,
+                ticket,
+            })
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Writes and waits until they are committed.
+    pub async fn write(&self, writes: Vec<Write>, ticket: Option<Ticket>) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(writer::Job {
+                writes,
+                reply: Some(reply),
+                ticket,
+            })
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Finds an entity by type and name, or creates it. Returns the entity
+    /// and whether it is new; a new entity's row is queued with `ticket`.
+    pub fn ensure_entity(
+        &self,
+        entity_type: EntityType,
+        name: &str,
+        profile: &str,
+        label: Option<&str>,
+        customer_name: Option<&str>,
+        group_name: Option<&str>,
+        ticket: Option<Ticket>,
+    ) -> Result<(Entity, bool), StoreError> {
+        let mut entities = self.entities.lock().expect("entity cache lock");
+        if let Some(entity) = entities.get(&(entity_type, name.to_string())) {
+            return Ok((entity.clone(), false));
+        }
+        let entity = Entity {
+            id: EntityId {
+                entity_type,
+                id: Uuid::new_v4(),
+            },
+            name: name.to_string(),
+            profile: profile.to_string(),
+            label: label.map(str::to_string),
+            customer_name: customer_name.map(str::to_string),
+            group_name: group_name.map(str::to_string),
+            created_time: crate::msg::now_millis(),
+        };
+        // Queued while the cache lock is held, so the row is committed
+        // before any write that refers to the entity.
+        self.submit(vec![Write::Entity(entity.clone())], ticket)?;
+        entities.insert((entity_type, name.to_string()), entity.clone());
+        Ok((entity, true))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().expect("reader lock");
+        Ok(f(&conn)?)
+    }
+
+    pub fn entity(&self, id: Uuid) -> Result<Option<Entity>, StoreError> {
+        let cached = self.entities.lock().expect("entity cache lock");
+        Ok(cached.values().find(|e| e.id.id == id).cloned())
+    }
+
+    pub fn entity_by_name(&self, entity_type: EntityType, name: &str) -> Option<Entity> {
+        let cached = self.entities.lock().expect("entity cache lock");
+        cached.get(&(entity_type, name.to_string())).cloned()
+    }
+
+    /// Committed entities of a type whose name contains `text_search`,
+    /// sorted by name.
+    pub fn entities(&self, entity_type: EntityType, text_search: Option<&str>) -> Result<Vec<Entity>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, entity_type, name, type, label, customer_name, group_name, created_time
+                 FROM entities WHERE entity_type = ?1 AND (?2 IS NULL OR instr(lower(name), lower(?2)) > 0)
+                 ORDER BY name",
+            )?;
+            let rows = stmt.query_map(params![entity_type.as_str(), text_search], entity_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Latest telemetry of an entity; all keys when `keys` is empty.
+    pub fn latest(&self, entity: EntityId, keys: &[String]) -> Result<Vec<TsValue>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, ts, kind, long_v, dbl_v, str_v FROM ts_kv_latest WHERE entity_id = ?1 ORDER BY key",
+            )?;
+            let rows = stmt.query_map(params![entity.id.to_string()], ts_value_row)?;
+            let all: Vec<TsValue> = rows.collect::<rusqlite::Result<_>>()?;
+            Ok(filter_keys(all, keys))
+        })
+    }
+
+    /// Telemetry history of one key between `start` and `end` inclusive,
+    /// oldest first.
+    pub fn history(&self, entity: EntityId, key: &str, start: i64, end: i64, limit: usize) -> Result<Vec<TsValue>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, ts, kind, long_v, dbl_v, str_v FROM ts_kv
+                 WHERE entity_id = ?1 AND key = ?2 AND ts BETWEEN ?3 AND ?4 ORDER BY ts LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(
+                params![entity.id.to_string(), key, start, end, limit as i64],
+                ts_value_row,
+            )?;
+            rows.collect()
+        })
+    }
+
+    /// Number of stored telemetry points of an entity.
+    pub fn history_count(&self, entity: EntityId) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM ts_kv WHERE entity_id = ?1",
+                params![entity.id.to_string()],
+                |row| row.get(0),
+            )
+        })
+    }
+
+    pub fn attributes(&self, entity: EntityId, scope: Scope, keys: &[String]) -> Result<Vec<TsValue>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, last_update_ts, kind, long_v, dbl_v, str_v FROM attributes
+                 WHERE entity_id = ?1 AND scope = ?2 ORDER BY key",
+            )?;
+            let rows = stmt.query_map(params![entity.id.to_string(), scope.as_str()], ts_value_row)?;
+            let all: Vec<TsValue> = rows.collect::<rusqlite::Result<_>>()?;
+            Ok(filter_keys(all, keys))
+        })
+    }
+
+    pub fn checkpoint(&self, application: &str, stream: &str, shard: &str) -> Result<Option<Checkpoint>, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT sequence_number, shard_end FROM checkpoints
+                 WHERE application = ?1 AND stream = ?2 AND shard = ?3",
+                params![application, stream, shard],
+                |row| {
+                    Ok(Checkpoint {
+                        sequence_number: row.get(0)?,
+                        shard_end: row.get::<_, i64>(1)? != 0,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, created_ms, integration, stream, shard, sequence_number, partition_key,
+                        payload, error, chain, node, message
+                 FROM dead_letters ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit as i64], |row| {
+                Ok(DeadLetter {
+                    id: row.get(0)?,
+                    created_ms: row.get(1)?,
+                    integration: row.get(2)?,
+                    stream: row.get(3)?,
+                    shard: row.get(4)?,
+                    sequence_number: row.get(5)?,
+                    partition_key: row.get(6)?,
+                    payload: row.get(7)?,
+                    error: row.get(8)?,
+                    chain: row.get(9)?,
+                    node: row.get(10)?,
+                    message: row.get(11)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Waits until everything queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.write(Vec::new(), None).await
+    }
+}
+
+fn filter_keys(values: Vec<TsValue>, keys: &[String]) -> Vec<TsValue> {
+    if keys.is_empty() {
+        return values;
+    }
+    values.into_iter().filter(|v| keys.contains(&v.key)).collect()
+}
+
+fn ts_value_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TsValue> {
+    Ok(TsValue {
+        key: row.get(0)?,
+        ts: row.get(1)?,
+        value: KvValue::from_columns(row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?),
+    })
+}
+
+fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
+    let id: String = row.get(0)?;
+    let entity_type: String = row.get(1)?;
+    Ok(Entity {
+        id: EntityId {
+            entity_type: EntityType::parse(&entity_type).unwrap_or(EntityType::Device),
+            id: Uuid::parse_str(&id).unwrap_or_default(),
+        },
+        name: row.get(2)?,
+        profile: row.get(3)?,
+        label: row.get(4)?,
+        customer_name: row.get(5)?,
+        group_name: row.get(6)?,
+        created_time: row.get(7)?,
+    })
+}
+
+fn load_entities(conn: &Connection) -> Result<HashMap<(EntityType, String), Entity>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, entity_type, name, type, label, customer_name, group_name, created_time FROM entities",
+    )?;
+    let rows = stmt.query_map([], entity_row)?;
+    let mut map = HashMap::new();
+    for entity in rows {
+        let entity = entity?;
+        map.insert((entity.id.entity_type, entity.name.clone()), entity);
+    }
+    Ok(map)
+}

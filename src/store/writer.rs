@@ -1,0 +1,307 @@
+//! The store's writer thread: batches queued jobs into transactions.
+//!
+//! A failure that a retry can cure (disk full, I/O error, a locked file)
+//! rolls the batch back and retries it after a pause, holding every ticket
+//! so no checkpoint moves meanwhile. A failure caused by one job's content
+//! fails that job alone (it is applied inside a savepoint) and the rest of
+//! the batch commits.
+
+use std::time::Duration;
+
+use rusqlite::{params, Connection, ErrorCode};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Entity, KvValue, Scope, StoreError};
+use crate::delivery::Ticket;
+use crate::msg::EntityId;
+
+/// One change to the store.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Entity(Entity),
+    Telemetry {
+        entity: EntityId,
+        ts: i64,
+        values: Vec<(String, KvValue)>,
+    },
+    Attributes {
+        entity: EntityId,
+        scope: Scope,
+        ts: i64,
+        values: Vec<(String, KvValue)>,
+    },
+    Checkpoint {
+        application: String,
+        stream: String,
+        shard: String,
+        sequence_number: Option<String>,
+        shard_end: bool,
+    },
+    DeadLetter {
+        integration: String,
+        stream: String,
+        shard: String,
+        sequence_number: String,
+        partition_key: String,
+        payload: Vec<u8>,
+        error: String,
+        chain: Option<String>,
+        node: Option<String>,
+        message: Option<String>,
+    },
+}
+
+pub(super) struct Job {
+    pub writes: Vec<Write>,
+    pub reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    pub ticket: Option<Ticket>,
+}
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 2048;
+
+pub(super) fn spawn(conn: Connection) -> mpsc::UnboundedSender<Job> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || run(conn, rx))
+        .expect("the store writer thread can be started");
+    tx
+}
+
+fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+
+        let outcomes = commit_with_retry(&mut conn, &batch);
+
+        // Answers and ticket releases happen only after the commit.
+        for (job, outcome) in batch.drain(..).zip(outcomes) {
+            if let Some(reply) = job.reply {
+                let _ = reply.send(outcome);
+            }
+            drop(job.ticket);
+        }
+    }
+}
+
+/// Commits a batch, retrying for as long as the failure is one a retry can
+/// cure. Returns each job's outcome.
+fn commit_with_retry(conn: &mut Connection, batch: &[Job]) -> Vec<Result<(), StoreError>> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match commit(conn, batch) {
+            Ok(outcomes) => return outcomes,
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    jobs = batch.len(),
+                    retry_in_ms = pause.as_millis() as u64,
+                    "store commit failed; consumption waits until the store is writable"
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<Result<(), StoreError>>> {
+    let tx = conn.transaction()?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for job in batch {
+        let sp = tx.unchecked_transaction_savepoint()?;
+        match apply_all(&sp, &job.writes) {
+            Ok(()) => {
+                sp.release()?;
+                outcomes.push(Ok(()));
+            }
+            Err(e) if is_transient(&e) => return Err(e),
+            Err(e) => {
+                sp.rollback_to()?;
+                outcomes.push(Err(StoreError::Sqlite(e)));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// A savepoint on a transaction we only hold by shared reference.
+trait SavepointExt {
+    fn unchecked_transaction_savepoint(&self) -> rusqlite::Result<Savepoint<'_>>;
+}
+
+impl SavepointExt for rusqlite::Transaction<'_> {
+    fn unchecked_transaction_savepoint(&self) -> rusqlite::Result<Savepoint<'_>> {
+        self.execute_batch("SAVEPOINT job")?;
+        Ok(Savepoint { conn: self })
+    }
+}
+
+struct Savepoint<'a> {
+    conn: &'a Connection,
+}
+
+impl Savepoint<'_> {
+    fn release(self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("RELEASE job")
+    }
+
+    fn rollback_to(self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("ROLLBACK TO job; RELEASE job")
+    }
+}
+
+impl std::ops::Deref for Savepoint<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+fn is_transient(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(
+            ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::OutOfMemory
+        )
+    )
+}
+
+fn apply_all(conn: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
+    for write in writes {
+        apply(conn, write)?;
+    }
+    Ok(())
+}
+
+fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
+    match write {
+        Write::Entity(e) => {
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO entities
+                 (id, entity_type, name, type, label, customer_name, group_name, created_time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                e.id.id.to_string(),
+                e.id.entity_type.as_str(),
+                e.name,
+                e.profile,
+                e.label,
+                e.customer_name,
+                e.group_name,
+                e.created_time
+            ])?;
+        }
+        Write::Telemetry { entity, ts, values } => {
+            let id = entity.id.to_string();
+            let mut history = conn.prepare_cached(
+                "INSERT OR REPLACE INTO ts_kv (entity_id, key, ts, kind, long_v, dbl_v, str_v)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            // A latest value only moves forward in time.
+            let mut latest = conn.prepare_cached(
+                "INSERT INTO ts_kv_latest (entity_id, key, ts, kind, long_v, dbl_v, str_v)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (entity_id, key) DO UPDATE SET
+                   ts = excluded.ts, kind = excluded.kind, long_v = excluded.long_v,
+                   dbl_v = excluded.dbl_v, str_v = excluded.str_v
+                 WHERE excluded.ts >= ts_kv_latest.ts",
+            )?;
+            for (key, value) in values {
+                let (kind, long_v, dbl_v, str_v) = value.columns();
+                history.execute(params![id, key, ts, kind, long_v, dbl_v, str_v])?;
+                latest.execute(params![id, key, ts, kind, long_v, dbl_v, str_v])?;
+            }
+        }
+        Write::Attributes {
+            entity,
+            scope,
+            ts,
+            values,
+        } => {
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO attributes (entity_id, scope, key, last_update_ts, kind, long_v, dbl_v, str_v)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (entity_id, scope, key) DO UPDATE SET
+                   last_update_ts = excluded.last_update_ts, kind = excluded.kind,
+                   long_v = excluded.long_v, dbl_v = excluded.dbl_v, str_v = excluded.str_v",
+            )?;
+            let id = entity.id.to_string();
+            for (key, value) in values {
+                let (kind, long_v, dbl_v, str_v) = value.columns();
+                stmt.execute(params![id, scope.as_str(), key, ts, kind, long_v, dbl_v, str_v])?;
+            }
+        }
+        Write::Checkpoint {
+            application,
+            stream,
+            shard,
+            sequence_number,
+            shard_end,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO checkpoints (application, stream, shard, sequence_number, shard_end, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (application, stream, shard) DO UPDATE SET
+                   sequence_number = excluded.sequence_number, shard_end = excluded.shard_end,
+                   updated_ms = excluded.updated_ms",
+            )?
+            .execute(params![
+                application,
+                stream,
+                shard,
+                sequence_number,
+                *shard_end as i64,
+                crate::msg::now_millis()
+            ])?;
+        }
+        Write::DeadLetter {
+            integration,
+            stream,
+            shard,
+            sequence_number,
+            partition_key,
+            payload,
+            error,
+            chain,
+            node,
+            message,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO dead_letters (created_ms, integration, stream, shard, sequence_number,
+                   partition_key, payload, error, chain, node, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                crate::msg::now_millis(),
+                integration,
+                stream,
+                shard,
+                sequence_number,
+                partition_key,
+                payload,
+                error,
+                chain,
+                node,
+                message
+            ])?;
+        }
+    }
+    Ok(())
+}
