@@ -335,12 +335,41 @@ async fn latest_timeseries(
     let q = query(raw);
     let strict = first(&q, "useStrictDataTypes").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let keys = keys(&q);
+    let shown = move |v: &TsValue| {
+        let value = if strict { v.value.to_json() } else { Value::String(v.value.to_text()) };
+        json!({"ts": v.ts, "value": value})
+    };
     let store = state.store.clone();
+
+    // With startTs and endTs this is ThingsBoard's history query.
+    if let (Some(start), Some(end)) = (first(&q, "startTs"), first(&q, "endTs")) {
+        let parse = |name: &str, v: &str| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("{name} must be epoch milliseconds")))
+        };
+        let (start, end) = (parse("startTs", start)?, parse("endTs", end)?);
+        let limit = first(&q, "limit").and_then(|l| l.parse().ok()).unwrap_or(100usize).clamp(1, 100_000);
+        if keys.is_empty() {
+            return Err(ApiError::bad_request("keys is required with startTs and endTs"));
+        }
+        let history = blocking(move || {
+            let mut out = Map::new();
+            for key in keys {
+                let values = store.history(entity.id, &key, start, end, limit).map_err(ApiError::internal)?;
+                if !values.is_empty() {
+                    out.insert(key, Value::Array(values.iter().map(shown).collect()));
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        return Ok(Json(Value::Object(history)));
+    }
+
     let values = blocking(move || store.latest(entity.id, &keys).map_err(ApiError::internal)).await?;
     let mut out = Map::new();
-    for v in values {
-        let value = if strict { v.value.to_json() } else { Value::String(v.value.to_text()) };
-        out.insert(v.key, json!([{"ts": v.ts, "value": value}]));
+    for v in &values {
+        out.insert(v.key.clone(), json!([shown(v)]));
     }
     Ok(Json(Value::Object(out)))
 }

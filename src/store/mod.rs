@@ -343,12 +343,12 @@ impl Store {
     }
 
     /// Telemetry history of one key between `start` and `end` inclusive,
-    /// oldest first.
+    /// newest first, at most `limit` values.
     pub fn history(&self, entity: EntityId, key: &str, start: i64, end: i64, limit: usize) -> Result<Vec<TsValue>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT key, ts, kind, long_v, dbl_v, str_v FROM ts_kv
-                 WHERE entity_id = ?1 AND key = ?2 AND ts BETWEEN ?3 AND ?4 ORDER BY ts LIMIT ?5",
+                 WHERE entity_id = ?1 AND key = ?2 AND ts BETWEEN ?3 AND ?4 ORDER BY ts DESC LIMIT ?5",
             )?;
             let rows = stmt.query_map(
                 params![entity.id.to_string(), key, start, end, limit as i64],

@@ -1,0 +1,454 @@
+//! Test harness: a real Kinesis emulator (ferrokinesis, in-process on a free
+//! port), the real shardflow binary as a child process with its own data
+//! directory and config, and a real HTTP client for its API.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::Client;
+use serde_json::{json, Value};
+
+pub const WALKTHROUGH_RECORD: &str =
+    r#"{"devName": "kitchen_thermostat", "devType": "thermostat", "temperature": 22}"#;
+
+/// A ferrokinesis emulator serving on 127.0.0.1 on its own thread.
+pub struct Emulator {
+    pub endpoint: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Emulator {
+    pub fn start() -> Emulator {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let options = ferrokinesis::store::StoreOptions {
+                    create_stream_ms: 20,
+                    delete_stream_ms: 20,
+                    update_stream_ms: 20,
+                    shard_limit: 64,
+                    ..Default::default()
+                };
+                let (app, _store) = ferrokinesis::create_app(options);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                ready_tx.send(listener.local_addr().unwrap()).unwrap();
+                ferrokinesis::serve_plain_http(listener, app, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let address = ready_rx.recv_timeout(Duration::from_secs(30)).expect("emulator starts");
+        Emulator {
+            endpoint: format!("http://{address}"),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        let config = aws_sdk_kinesis::Config::builder()
+            .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .endpoint_url(&self.endpoint)
+            .build();
+        Client::from_conf(config)
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Creates a stream and waits until it is ACTIVE.
+pub async fn create_stream(client: &Client, name: &str, shards: i32) {
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("create stream");
+    wait_for("stream to become ACTIVE", Duration::from_secs(30), || async {
+        let out = client.describe_stream_summary().stream_name(name).send().await.ok()?;
+        let status = out.stream_description_summary()?.stream_status().as_str().to_string();
+        (status == "ACTIVE").then_some(())
+    })
+    .await;
+}
+
+pub async fn put(client: &Client, stream: &str, partition_key: &str, data: &[u8]) -> String {
+    client
+        .put_record()
+        .stream_name(stream)
+        .partition_key(partition_key)
+        .data(Blob::new(data.to_vec()))
+        .send()
+        .await
+        .expect("put record")
+        .sequence_number()
+        .to_string()
+}
+
+/// Puts many records with PutRecords, in batches of up to 500.
+pub async fn put_many(client: &Client, stream: &str, records: &[(String, Vec<u8>)]) {
+    for chunk in records.chunks(500) {
+        let entries = chunk
+            .iter()
+            .map(|(key, data)| {
+                aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                    .partition_key(key)
+                    .data(Blob::new(data.clone()))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let out = client
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .expect("put records");
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+}
+
+/// Every record of every shard of a stream, read from TRIM_HORIZON.
+pub async fn read_all(client: &Client, stream: &str) -> Vec<aws_sdk_kinesis::types::Record> {
+    let shards = client.list_shards().stream_name(stream).send().await.unwrap();
+    let mut records = Vec::new();
+    for shard in shards.shards() {
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_string);
+        while let Some(it) = iterator {
+            let out = client.get_records().shard_iterator(it).send().await.unwrap();
+            let empty = out.records().is_empty();
+            records.extend(out.records().iter().cloned());
+            iterator = out.next_shard_iterator().map(str::to_string);
+            if empty && out.millis_behind_latest() == Some(0) {
+                break;
+            }
+        }
+    }
+    records
+}
+
+/// Polls `probe` until it yields a value, or panics after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Options for a service instance's config.
+#[derive(Clone)]
+pub struct Setup {
+    pub stream: String,
+    pub downlink_stream: String,
+    pub initial_position: &'static str,
+    pub uplink_converter: String,
+    pub downlink_converter: String,
+    pub root_chain: String,
+    pub extra: String,
+}
+
+impl Setup {
+    /// The walkthrough's converters and root chain, shipped with the repo.
+    pub fn walkthrough(stream: &str) -> Setup {
+        let repo = repo();
+        Setup {
+            stream: stream.into(),
+            downlink_stream: "tb-test-downlink".into(),
+            initial_position: "TRIM_HORIZON",
+            uplink_converter: read(&repo.join("converters/kinesis_converter.js")),
+            downlink_converter: read(&repo.join("converters/kinesis_downlink_version.js")),
+            root_chain: read(&repo.join("rulechains/root.json")),
+            extra: String::new(),
+        }
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// A running shardflow process with its own directory.
+pub struct Service {
+    pub dir: PathBuf,
+    pub base_url: String,
+    child: Option<Child>,
+    _temp: Option<tempfile::TempDir>,
+    pub http: reqwest::Client,
+    token: Option<String>,
+}
+
+/// Writes a config and its files into `dir`; returns the config path.
+pub fn write_config(dir: &Path, setup: &Setup, endpoint: &str, port: u16) -> PathBuf {
+    std::fs::create_dir_all(dir.join("converters")).unwrap();
+    std::fs::create_dir_all(dir.join("rulechains")).unwrap();
+    std::fs::write(dir.join("converters/uplink.js"), &setup.uplink_converter).unwrap();
+    std::fs::write(dir.join("converters/downlink.js"), &setup.downlink_converter).unwrap();
+    std::fs::write(dir.join("rulechains/root.json"), &setup.root_chain).unwrap();
+    let config = format!(
+        r#"
+data_dir = "data"
+root_chain = "rulechains/root.json"
+{extra}
+[http]
+bind = "127.0.0.1:{port}"
+username = "tenant@thingsboard.org"
+password = "tenant"
+
+[pipeline]
+checkpoint_interval_ms = 200
+
+[[integration]]
+name = "kinesis_integration"
+uplink_converter = "converters/uplink.js"
+downlink_converter = "converters/downlink.js"
+stream_name = "{stream}"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+application_name = "shardflow-test"
+initial_position = "{position}"
+max_records = 500
+endpoint_url = "{endpoint}"
+"#,
+        extra = setup.extra,
+        stream = setup.stream,
+        position = setup.initial_position,
+    );
+    let path = dir.join("shardflow.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_shardflow")
+}
+
+impl Service {
+    /// Writes the config into a new temporary directory and starts the
+    /// service; waits until `/ready`.
+    pub async fn start(setup: &Setup, emulator: &Emulator) -> Service {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().to_path_buf();
+        let mut service = Service::start_in(&dir, setup, emulator).await;
+        service._temp = Some(temp);
+        service
+    }
+
+    /// Starts (or restarts) the service in `dir`.
+    pub async fn start_in(dir: &Path, setup: &Setup, emulator: &Emulator) -> Service {
+        let port = free_port();
+        let config = write_config(dir, setup, &emulator.endpoint, port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("service.log"))
+            .unwrap();
+        let child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start shardflow");
+        let service = Service {
+            dir: dir.to_path_buf(),
+            base_url: format!("http://127.0.0.1:{port}"),
+            child: Some(child),
+            _temp: None,
+            http: reqwest::Client::new(),
+            token: None,
+        };
+        service.wait_ready().await;
+        service
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/ready", self.base_url);
+        let http = self.http.clone();
+        wait_for("service to be ready", Duration::from_secs(60), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let response = http.get(&url).send().await.ok()?;
+                response.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default()
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir.join("data/shardflow.db")).unwrap()
+    }
+
+    /// SIGKILL: no chance to drain or checkpoint.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "service did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub async fn login(&mut self) -> String {
+        if let Some(token) = &self.token {
+            return token.clone();
+        }
+        let response: Value = self
+            .http
+            .post(format!("{}/api/auth/login", self.base_url))
+            .json(&json!({"username": "tenant@thingsboard.org", "password": "tenant"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = response["token"].as_str().expect("token").to_string();
+        self.token = Some(token.clone());
+        token
+    }
+
+    /// The token after [`Service::login`], for requests built by hand.
+    pub fn token_for_tests(&self) -> String {
+        self.token.clone().expect("logged in")
+    }
+
+    pub async fn get(&mut self, path: &str) -> (u16, Value) {
+        let token = self.login().await;
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .header("X-Authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&mut self, path: &str, body: &str) -> (u16, Value) {
+        let token = self.login().await;
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .header("X-Authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The device id once the device exists.
+    pub async fn wait_device(&mut self, name: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.get(&format!("/api/tenant/devices?deviceName={name}")).await;
+            if status == 200 {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "device {name} never appeared\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn latest(&mut self, device_id: &str, strict: bool) -> Value {
+        self.get(&format!(
+            "/api/plugins/telemetry/DEVICE/{device_id}/values/timeseries?useStrictDataTypes={strict}"
+        ))
+        .await
+        .1
+    }
+
+    /// Count of rows in a table, read from the SQLite file.
+    pub fn count(&self, table: &str) -> i64 {
+        self.db()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
