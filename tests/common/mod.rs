@@ -138,9 +138,18 @@ pub async fn put_many(client: &Client, stream: &str, records: &[(String, Vec<u8>
 
 /// Every record of every shard of a stream, read from TRIM_HORIZON.
 pub async fn read_all(client: &Client, stream: &str) -> Vec<aws_sdk_kinesis::types::Record> {
+    read_by_shard(client, stream).await.into_values().flatten().collect()
+}
+
+/// Every record of a stream by shard id, read from TRIM_HORIZON.
+pub async fn read_by_shard(
+    client: &Client,
+    stream: &str,
+) -> std::collections::BTreeMap<String, Vec<aws_sdk_kinesis::types::Record>> {
     let shards = client.list_shards().stream_name(stream).send().await.unwrap();
-    let mut records = Vec::new();
+    let mut by_shard = std::collections::BTreeMap::new();
     for shard in shards.shards() {
+        let mut records = Vec::new();
         let mut iterator = client
             .get_shard_iterator()
             .stream_name(stream)
@@ -160,8 +169,9 @@ pub async fn read_all(client: &Client, stream: &str) -> Vec<aws_sdk_kinesis::typ
                 break;
             }
         }
+        by_shard.insert(shard.shard_id().to_string(), records);
     }
-    records
+    by_shard
 }
 
 /// Polls `probe` until it yields a value, or panics after `limit`.
