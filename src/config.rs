@@ -247,10 +247,7 @@ impl Config {
         ];
         for key in table.keys() {
             if !known.contains(&key.as_str()) {
-                problems.push(format!(
-                    "unknown key `{key}` (known: {})",
-                    known.join(", ")
-                ));
+                problems.push(format!("unknown key `{key}` (known: {})", known.join(", ")));
             }
         }
 
@@ -270,7 +267,9 @@ impl Config {
             problems.push("[http] username and password must not be empty".into());
         }
         if pipeline.max_in_flight_records == 0 || pipeline.max_in_flight_bytes == 0 {
-            problems.push("[pipeline] max_in_flight_records and max_in_flight_bytes must be > 0".into());
+            problems.push(
+                "[pipeline] max_in_flight_records and max_in_flight_bytes must be > 0".into(),
+            );
         }
         if js.call_timeout_ms == 0 || js.memory_limit_mb == 0 {
             problems.push("[js] call_timeout_ms and memory_limit_mb must be > 0".into());
@@ -306,12 +305,20 @@ impl Config {
     }
 }
 
-fn string_field(table: &toml::Table, key: &str, default: &str, problems: &mut Vec<String>) -> String {
+fn string_field(
+    table: &toml::Table,
+    key: &str,
+    default: &str,
+    problems: &mut Vec<String>,
+) -> String {
     match table.get(key) {
         None => default.to_string(),
         Some(toml::Value::String(s)) => s.clone(),
         Some(other) => {
-            problems.push(format!("`{key}` must be a string, found {}", other.type_str()));
+            problems.push(format!(
+                "`{key}` must be a string, found {}",
+                other.type_str()
+            ));
             default.to_string()
         }
     }
@@ -324,10 +331,13 @@ fn section<T: DeserializeOwned + Default>(
 ) -> T {
     match table.get(key) {
         None => T::default(),
-        Some(value) => value.clone().try_into().unwrap_or_else(|e: toml::de::Error| {
-            problems.push(format!("[{key}]: {}", e.message()));
-            T::default()
-        }),
+        Some(value) => value
+            .clone()
+            .try_into()
+            .unwrap_or_else(|e: toml::de::Error| {
+                problems.push(format!("[{key}]: {}", e.message()));
+                T::default()
+            }),
     }
 }
 
@@ -494,7 +504,9 @@ fn parse_timestamp(value: &toml::Value) -> Option<i64> {
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only) into epoch milliseconds.
 fn parse_rfc3339(text: &str) -> Option<i64> {
-    let text = text.strip_suffix('Z').or_else(|| text.strip_suffix("+00:00"))?;
+    let text = text
+        .strip_suffix('Z')
+        .or_else(|| text.strip_suffix("+00:00"))?;
     let (date, time) = text.split_once(['T', ' '])?;
     let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
@@ -526,7 +538,10 @@ mod tests {
     #[test]
     fn rfc3339_timestamps_parse_to_epoch_millis() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2019-09-26T13:14:24.270Z"), Some(1_569_503_664_270));
+        assert_eq!(
+            parse_rfc3339("2019-09-26T13:14:24.270Z"),
+            Some(1_569_503_664_270)
+        );
         assert_eq!(parse_rfc3339("2019-13-26T13:14:24Z"), None);
     }
 

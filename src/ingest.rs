@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::convert::Uplink;
 use crate::delivery::{SourceRecord, Ticket};
 use crate::msg::{self, TbMsg};
-use crate::store::{Entity, Store, StoreError};
+use crate::store::{Entity, EntityDraft, Store, StoreError};
 
 /// The messages for one record's converted uplinks, in the order they enter
 /// the chain.
@@ -22,15 +22,15 @@ pub fn uplink_messages(
 ) -> Result<Vec<TbMsg>, StoreError> {
     let mut messages = Vec::new();
     for uplink in uplinks {
-        let (entity, created) = store.ensure_entity(
-            uplink.entity_type,
-            &uplink.name,
-            &uplink.profile,
-            uplink.label.as_deref(),
-            uplink.customer_name.as_deref(),
-            uplink.group_name.as_deref(),
-            Some(ticket.clone()),
-        )?;
+        let draft = EntityDraft {
+            entity_type: uplink.entity_type,
+            name: &uplink.name,
+            profile: &uplink.profile,
+            label: uplink.label.as_deref(),
+            customer_name: uplink.customer_name.as_deref(),
+            group_name: uplink.group_name.as_deref(),
+        };
+        let (entity, created) = store.ensure_entity(draft, Some(ticket.clone()))?;
         let metadata = entity_metadata(&entity, &source.integration);
         if created {
             messages.push(TbMsg::new(

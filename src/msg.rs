@@ -74,9 +74,18 @@ const MESSAGE_TYPES: &[(&str, Option<&str>)] = &[
     ("ALARM_UNASSIGNED", Some("Alarm Unassigned")),
     ("COMMENT_CREATED", Some("Comment Created")),
     ("COMMENT_UPDATED", Some("Comment Updated")),
-    ("RPC_CALL_FROM_SERVER_TO_DEVICE", Some("RPC Request to Device")),
-    ("ENTITY_ASSIGNED_FROM_TENANT", Some("Entity Assigned From Tenant")),
-    ("ENTITY_ASSIGNED_TO_TENANT", Some("Entity Assigned To Tenant")),
+    (
+        "RPC_CALL_FROM_SERVER_TO_DEVICE",
+        Some("RPC Request to Device"),
+    ),
+    (
+        "ENTITY_ASSIGNED_FROM_TENANT",
+        Some("Entity Assigned From Tenant"),
+    ),
+    (
+        "ENTITY_ASSIGNED_TO_TENANT",
+        Some("Entity Assigned To Tenant"),
+    ),
     ("ENTITY_ASSIGNED_TO_EDGE", None),
     ("ENTITY_UNASSIGNED_FROM_EDGE", None),
     ("TIMESERIES_UPDATED", Some("Timeseries Updated")),

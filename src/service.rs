@@ -19,7 +19,9 @@ use crate::chain::{self, DownlinkTarget, RuleEngine, Services};
 use crate::config::{Config, IntegrationConfig};
 use crate::convert::js::JsLimits;
 use crate::convert::{ConverterWorker, Script, ScriptKind};
-use crate::kinesis::{self, producer::DownlinkProducer, producer::ProducerSender, Consumers, Integration};
+use crate::kinesis::{
+    self, producer::DownlinkProducer, producer::ProducerSender, Consumers, Integration,
+};
 use crate::status::StatusBoard;
 use crate::store::{DataDirLock, Store};
 
@@ -51,11 +53,19 @@ pub fn preflight(config: &Config) -> (Option<chain::ChainDef>, Vec<String>) {
             for body in node.kind.scripts() {
                 let script = Script::new(ScriptKind::RuleNode, node.label(), body);
                 if let Err(e) = script.check(limits) {
-                    problems.push(format!("rule chain {}: node {}: {e}", def.file.display(), node.label()));
+                    problems.push(format!(
+                        "rule chain {}: node {}: {e}",
+                        def.file.display(),
+                        node.label()
+                    ));
                 }
             }
             if let chain::nodes::NodeKind::IntegrationDownlink(_) = &node.kind {
-                if !config.integrations.iter().any(|i| i.downlink_converter.is_some()) {
+                if !config
+                    .integrations
+                    .iter()
+                    .any(|i| i.downlink_converter.is_some())
+                {
                     problems.push(format!(
                         "rule chain {}: node {} sends downlinks but no integration has a downlink_converter",
                         def.file.display(),
@@ -113,7 +123,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     )?);
 
     let system = actix::System::new();
-    let result = system.block_on(serve(config, chain, store, io.handle().clone(), listener, auth));
+    let result = system.block_on(serve(
+        config,
+        chain,
+        store,
+        io.handle().clone(),
+        listener,
+        auth,
+    ));
     io.shutdown_timeout(Duration::from_secs(5));
     result
 }
@@ -137,11 +154,17 @@ async fn serve(
     let mut downlinks = HashMap::new();
     for (n, integration) in config.integrations.iter().enumerate() {
         let owned = integration.clone();
-        let client = io.spawn(async move { kinesis::client::build(&owned).await }).await?;
+        let client = io
+            .spawn(async move { kinesis::client::build(&owned).await })
+            .await?;
         if let Some(path) = &integration.downlink_converter {
             let encoder = Script::load(ScriptKind::Encoder, path)?;
-            let producer = DownlinkProducer::new(integration.name.clone(), client.clone(), io.clone());
-            let addr = DownlinkProducer::start_in_arbiter(&arbiters[n % arbiters.len()], move |_| producer);
+            let producer =
+                DownlinkProducer::new(integration.name.clone(), client.clone(), io.clone());
+            let addr =
+                DownlinkProducer::start_in_arbiter(&arbiters[n % arbiters.len()], move |_| {
+                    producer
+                });
             downlinks.insert(
                 integration.name.clone(),
                 DownlinkTarget {

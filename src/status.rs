@@ -53,7 +53,9 @@ pub struct StatusBoard {
 impl StatusBoard {
     pub fn update(&self, integration: &str, shard: &str, f: impl FnOnce(&mut ShardStatus)) {
         let mut shards = self.shards.lock().expect("status lock");
-        f(shards.entry((integration.to_string(), shard.to_string())).or_default());
+        f(shards
+            .entry((integration.to_string(), shard.to_string()))
+            .or_default());
     }
 
     /// Marks an integration whose shards are not listed yet, with why.
@@ -85,7 +87,10 @@ impl StatusBoard {
                 reasons.push(format!(
                     "integration {integration} shard {shard}: {:?}{}",
                     status.state,
-                    status.last_error.map(|e| format!(" ({e})")).unwrap_or_default()
+                    status
+                        .last_error
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
                 ));
             }
         }

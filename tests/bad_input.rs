@@ -24,13 +24,22 @@ async fn failed_records_become_dead_letters_and_consumption_goes_on() {
 
     let not_json: Vec<u8> = vec![0xff, 0x00, 0xfe, b'{', b'x'];
     let inputs: Vec<(String, Vec<u8>)> = vec![
-        ("k".into(), br#"{"devName": "good-1", "devType": "t", "temperature": 1}"#.to_vec()),
+        (
+            "k".into(),
+            br#"{"devName": "good-1", "devType": "t", "temperature": 1}"#.to_vec(),
+        ),
         ("k".into(), not_json.clone()),
         ("k".into(), br#"{"devName": "x", "explode": true}"#.to_vec()),
         ("k".into(), br#"{"devName": "x", "hang": true}"#.to_vec()),
         ("k".into(), br#"{"devName": "x", "hog": true}"#.to_vec()),
-        ("k".into(), br#"{"devType": "t", "temperature": 5}"#.to_vec()),
-        ("k".into(), br#"{"devName": "good-2", "devType": "t", "temperature": 2}"#.to_vec()),
+        (
+            "k".into(),
+            br#"{"devType": "t", "temperature": 5}"#.to_vec(),
+        ),
+        (
+            "k".into(),
+            br#"{"devName": "good-2", "devType": "t", "temperature": 2}"#.to_vec(),
+        ),
     ];
     for (key, data) in &inputs {
         put(&kinesis, "bad", key, data).await;
@@ -49,10 +58,14 @@ async fn failed_records_become_dead_letters_and_consumption_goes_on() {
 
     let db = service.db();
     let mut stmt = db
-        .prepare("SELECT payload, error, stream, shard, sequence_number FROM dead_letters ORDER BY id")
+        .prepare(
+            "SELECT payload, error, stream, shard, sequence_number FROM dead_letters ORDER BY id",
+        )
         .unwrap();
     let rows: Vec<(Vec<u8>, String, String, String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
         .unwrap()
         .map(Result::unwrap)
         .collect();
@@ -64,7 +77,11 @@ async fn failed_records_become_dead_letters_and_consumption_goes_on() {
         assert_eq!(row.4, all[index].sequence_number());
     }
     assert!(rows[0].1.contains("SyntaxError"), "{}", rows[0].1);
-    assert!(rows[1].1.contains("converter exploded on purpose"), "{}", rows[1].1);
+    assert!(
+        rows[1].1.contains("converter exploded on purpose"),
+        "{}",
+        rows[1].1
+    );
     assert!(rows[2].1.contains("ran longer than"), "{}", rows[2].1);
     assert!(rows[3].1.contains("memory limit"), "{}", rows[3].1);
     assert!(rows[4].1.contains("deviceName"), "{}", rows[4].1);
@@ -81,17 +98,27 @@ async fn failed_records_become_dead_letters_and_consumption_goes_on() {
 
     // The checkpoint moved past every record.
     let last = all.last().unwrap().sequence_number().to_string();
-    wait_for("checkpoint past the failures", Duration::from_secs(30), || async {
-        let checkpoint: Option<String> = service
-            .db()
-            .query_row("SELECT sequence_number FROM checkpoints", [], |r| r.get(0))
-            .ok();
-        (checkpoint.as_deref() == Some(last.as_str())).then_some(())
-    })
+    wait_for(
+        "checkpoint past the failures",
+        Duration::from_secs(30),
+        || async {
+            let checkpoint: Option<String> = service
+                .db()
+                .query_row("SELECT sequence_number FROM checkpoints", [], |r| r.get(0))
+                .ok();
+            (checkpoint.as_deref() == Some(last.as_str())).then_some(())
+        },
+    )
     .await;
 
     // And the service keeps consuming.
-    put(&kinesis, "bad", "k", br#"{"devName": "good-3", "devType": "t", "temperature": 3}"#).await;
+    put(
+        &kinesis,
+        "bad",
+        "k",
+        br#"{"devName": "good-3", "devType": "t", "temperature": 3}"#,
+    )
+    .await;
     service.wait_device("good-3").await;
 }
 
@@ -114,7 +141,8 @@ fn a_broken_chain_is_reported_with_file_node_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::walkthrough("s");
     let mut chain: serde_json::Value = serde_json::from_str(&setup.root_chain).unwrap();
-    chain["metadata"]["nodes"][4]["type"] = "org.thingsboard.rule.engine.action.TbMadeUpNode".into();
+    chain["metadata"]["nodes"][4]["type"] =
+        "org.thingsboard.rule.engine.action.TbMadeUpNode".into();
     chain["metadata"]["connections"]
         .as_array_mut()
         .unwrap()
@@ -125,7 +153,10 @@ fn a_broken_chain_is_reported_with_file_node_and_reason() {
     let (code, text) = check(dir.path());
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("rulechains/root.json"), "{text}");
-    assert!(text.contains("Log Other") && text.contains("TbMadeUpNode"), "{text}");
+    assert!(
+        text.contains("Log Other") && text.contains("TbMadeUpNode"),
+        "{text}"
+    );
     assert!(text.contains("42") && text.contains("dangling"), "{text}");
 
     // `run` refuses to start with the same report.
@@ -136,7 +167,10 @@ fn a_broken_chain_is_reported_with_file_node_and_reason() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("TbMadeUpNode") && stderr.contains("dangling"), "{stderr}");
+    assert!(
+        stderr.contains("TbMadeUpNode") && stderr.contains("dangling"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -147,19 +181,33 @@ fn a_converter_that_does_not_compile_is_reported_by_check() {
     write_config(dir.path(), &setup, "http://127.0.0.1:1", free_port());
     let (code, text) = check(dir.path());
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("converters/uplink.js") && text.contains("SyntaxError"), "{text}");
+    assert!(
+        text.contains("converters/uplink.js") && text.contains("SyntaxError"),
+        "{text}"
+    );
 }
 
 #[test]
 fn a_config_with_three_mistakes_reports_all_three() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), &Setup::walkthrough("s"), "http://127.0.0.1:1", free_port());
+    write_config(
+        dir.path(),
+        &Setup::walkthrough("s"),
+        "http://127.0.0.1:1",
+        free_port(),
+    );
     let path = dir.path().join("shardflow.toml");
     let text = std::fs::read_to_string(&path)
         .unwrap()
-        .replace("initial_position = \"TRIM_HORIZON\"", "initial_position = \"OLDEST\"")
+        .replace(
+            "initial_position = \"TRIM_HORIZON\"",
+            "initial_position = \"OLDEST\"",
+        )
         .replace("max_records = 500", "max_records = 50000")
-        .replace("uplink_converter = \"converters/uplink.js\"", "uplink_converter = \"converters/missing.js\"");
+        .replace(
+            "uplink_converter = \"converters/uplink.js\"",
+            "uplink_converter = \"converters/missing.js\"",
+        );
     std::fs::write(&path, text).unwrap();
 
     let (code, text) = check(dir.path());

@@ -23,7 +23,10 @@ async fn start(stream: &str) -> (Emulator, aws_sdk_kinesis::Client, Service) {
 }
 
 async fn device_id(service: &mut Service, name: &str) -> String {
-    service.wait_device(name).await["id"]["id"].as_str().unwrap().to_string()
+    service.wait_device(name).await["id"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +53,10 @@ async fn converter_results_are_stored_as_thingsboard_does() {
     let id = device_id(&mut service, "ts-values").await;
     let latest = service.latest(&id, true).await;
     assert_eq!(latest["t"][0]["ts"], json!(1_600_000_000_000i64));
-    assert_eq!(service.get(&format!("/api/device/{id}")).await.1["type"], "default");
+    assert_eq!(
+        service.get(&format!("/api/device/{id}")).await.1["type"],
+        "default"
+    );
 
     // An array of devices, each with its own type; ts arrays keep each point.
     let many_2 = device_id(&mut service, "many-2").await;
@@ -59,12 +65,22 @@ async fn converter_results_are_stored_as_thingsboard_does() {
     let (_, history) = service
         .get(&format!("/api/plugins/telemetry/DEVICE/{many_2}/values/timeseries?keys=t&startTs=0&endTs=10&useStrictDataTypes=true"))
         .await;
-    assert_eq!(history["t"], json!([{"ts": 6, "value": 21}, {"ts": 5, "value": 20}]));
+    assert_eq!(
+        history["t"],
+        json!([{"ts": 6, "value": 21}, {"ts": 5, "value": 20}])
+    );
 
     // Flat telemetry without ts takes the record's arrival time.
     let many_1 = device_id(&mut service, "many-1").await;
-    let arrival = records[1].approximate_arrival_timestamp().unwrap().to_millis().unwrap();
-    assert_eq!(service.latest(&many_1, true).await["t"][0]["ts"], json!(arrival));
+    let arrival = records[1]
+        .approximate_arrival_timestamp()
+        .unwrap()
+        .to_millis()
+        .unwrap();
+    assert_eq!(
+        service.latest(&many_1, true).await["t"][0]["ts"],
+        json!(arrival)
+    );
 
     // Value kinds: boolean, string, double, JSON.
     let kinds = device_id(&mut service, "kinds").await;
@@ -75,17 +91,29 @@ async fn converter_results_are_stored_as_thingsboard_does() {
     assert_eq!(latest["obj"][0]["value"], json!({"a": 1, "b": [1, 2]}));
     let stored_kind: i64 = service
         .db()
-        .query_row("SELECT kind FROM ts_kv_latest WHERE key = 'obj'", [], |r| r.get(0))
+        .query_row("SELECT kind FROM ts_kv_latest WHERE key = 'obj'", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert_eq!(stored_kind, 4, "JSON kind");
     // Attributes from a device go to CLIENT_SCOPE (root chain).
     let attributes = wait_for("client attributes", Duration::from_secs(30), || {
         let http = service.http.clone();
-        let url = format!("{}/api/plugins/telemetry/DEVICE/{kinds}/values/attributes/CLIENT_SCOPE", service.base_url);
+        let url = format!(
+            "{}/api/plugins/telemetry/DEVICE/{kinds}/values/attributes/CLIENT_SCOPE",
+            service.base_url
+        );
         let token = service.token_for_tests();
         async move {
-            let body: serde_json::Value = http.get(url).header("X-Authorization", format!("Bearer {token}"))
-                .send().await.ok()?.json().await.ok()?;
+            let body: serde_json::Value = http
+                .get(url)
+                .header("X-Authorization", format!("Bearer {token}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
             (body.as_array()?.len() == 2).then_some(body)
         }
     })
@@ -106,6 +134,9 @@ async fn converter_results_are_stored_as_thingsboard_does() {
         .query_row("SELECT error FROM dead_letters", [], |r| r.get(0))
         .unwrap();
     assert!(error.contains("deviceName"), "{error}");
-    let devices = service.get("/api/tenant/devices?pageSize=100&page=0").await.1;
+    let devices = service
+        .get("/api/tenant/devices?pageSize=100&page=0")
+        .await
+        .1;
     assert_eq!(devices["totalElements"], json!(5), "{devices}");
 }

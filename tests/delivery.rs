@@ -50,9 +50,11 @@ fn stored(service: &Service) -> Vec<(i64, i64)> {
 }
 
 async fn wait_stored(service: &Service, expected: usize) {
-    wait_for("every record to be stored", Duration::from_secs(120), || async {
-        (stored(service).len() >= expected).then_some(())
-    })
+    wait_for(
+        "every record to be stored",
+        Duration::from_secs(120),
+        || async { (stored(service).len() >= expected).then_some(()) },
+    )
     .await;
 }
 
@@ -97,20 +99,24 @@ async fn a_thousand_records_over_four_shards_are_stored_once_with_newest_latest(
     for (shard, records) in by_shard {
         let Some(last) = records.last() else { continue };
         let expected = last.sequence_number().to_string();
-        wait_for("the shard's checkpoint to reach its last record", Duration::from_secs(30), || {
-            let (service, shard, expected) = (&service, shard.clone(), expected.clone());
-            async move {
-                let checkpoint: Option<String> = service
-                    .db()
-                    .query_row(
-                        "SELECT sequence_number FROM checkpoints WHERE shard = ?1",
-                        [&shard],
-                        |r| r.get(0),
-                    )
-                    .ok();
-                (checkpoint == Some(expected)).then_some(())
-            }
-        })
+        wait_for(
+            "the shard's checkpoint to reach its last record",
+            Duration::from_secs(30),
+            || {
+                let (service, shard, expected) = (&service, shard.clone(), expected.clone());
+                async move {
+                    let checkpoint: Option<String> = service
+                        .db()
+                        .query_row(
+                            "SELECT sequence_number FROM checkpoints WHERE shard = ?1",
+                            [&shard],
+                            |r| r.get(0),
+                        )
+                        .ok();
+                    (checkpoint == Some(expected)).then_some(())
+                }
+            },
+        )
         .await;
     }
 }
@@ -134,7 +140,8 @@ async fn sigkill_mid_stream_then_restart_loses_no_record() {
     // More records arrive while it is down.
     let late: Vec<(String, Vec<u8>)> = (3000..3500)
         .map(|i| {
-            let body = json!({"dev": format!("dev-{}", i % 20), "ts": BASE_TS + i as i64, "seq": i});
+            let body =
+                json!({"dev": format!("dev-{}", i % 20), "ts": BASE_TS + i as i64, "seq": i});
             (format!("dev-{}", i % 20), body.to_string().into_bytes())
         })
         .collect();
@@ -157,7 +164,11 @@ async fn sigterm_drains_and_restart_resumes_after_the_checkpoint() {
     let mut service = Service::start_in(dir.path(), &setup, &emulator).await;
     wait_stored(&service, 500).await;
     let status = service.stop();
-    assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", service.log());
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status:?}\n{}",
+        service.log()
+    );
 
     // The checkpoint is the last record's sequence number.
     let all = read_all(&kinesis, "graceful").await;
@@ -171,13 +182,28 @@ async fn sigterm_drains_and_restart_resumes_after_the_checkpoint() {
     // After a restart only new records are read: mark them apart with a
     // converter that tags what it decodes.
     let mut tagged = setup.clone();
-    tagged.uplink_converter = SEQ_CONVERTER.replace("seq: data.seq", "seq: data.seq, second_run: true");
-    put_many(&kinesis, "graceful", &[("dev-0".into(), json!({"dev": "dev-0", "ts": BASE_TS + 500, "seq": 500}).to_string().into_bytes())]).await;
+    tagged.uplink_converter =
+        SEQ_CONVERTER.replace("seq: data.seq", "seq: data.seq, second_run: true");
+    put_many(
+        &kinesis,
+        "graceful",
+        &[(
+            "dev-0".into(),
+            json!({"dev": "dev-0", "ts": BASE_TS + 500, "seq": 500})
+                .to_string()
+                .into_bytes(),
+        )],
+    )
+    .await;
     let mut service = Service::start_in(dir.path(), &tagged, &emulator).await;
     wait_stored(&service, 501).await;
     let second_run: i64 = service
         .db()
-        .query_row("SELECT count(*) FROM ts_kv WHERE key = 'second_run'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM ts_kv WHERE key = 'second_run'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(second_run, 1, "only the new record was read again");
     let (_, body) = service.get("/api/tenant/devices?deviceName=dev-0").await;

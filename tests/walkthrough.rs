@@ -21,7 +21,13 @@ async fn walkthrough_uplink_then_shared_attribute_downlink() {
     let mut setup = Setup::walkthrough("tb-test-uplink");
     setup.initial_position = "LATEST";
     let mut service = Service::start(&setup, &emulator).await;
-    put(&kinesis, "tb-test-uplink", "123", WALKTHROUGH_RECORD.as_bytes()).await;
+    put(
+        &kinesis,
+        "tb-test-uplink",
+        "123",
+        WALKTHROUGH_RECORD.as_bytes(),
+    )
+    .await;
 
     let device = service.wait_device("kitchen_thermostat").await;
     assert_eq!(device["name"], "kitchen_thermostat");
@@ -49,11 +55,16 @@ async fn walkthrough_uplink_then_shared_attribute_downlink() {
 
     // Save the shared attribute: ATTRIBUTES_UPDATED -> Integration Downlink.
     let (status, _) = service
-        .post(&format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"), r#"{"version":"v.0.11"}"#)
+        .post(
+            &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+            r#"{"version":"v.0.11"}"#,
+        )
         .await;
     assert_eq!(status, 200);
     let (_, attributes) = service
-        .get(&format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SHARED_SCOPE"))
+        .get(&format!(
+            "/api/plugins/telemetry/DEVICE/{id}/values/attributes/SHARED_SCOPE"
+        ))
         .await;
     assert_eq!(attributes[0]["key"], "version");
     assert_eq!(attributes[0]["value"], "v.0.11");
@@ -77,7 +88,10 @@ async fn walkthrough_uplink_then_shared_attribute_downlink() {
 
     // A client attribute cannot be saved through the API.
     let (status, body) = service
-        .post(&format!("/api/plugins/telemetry/{id}/CLIENT_SCOPE"), r#"{"x":1}"#)
+        .post(
+            &format!("/api/plugins/telemetry/{id}/CLIENT_SCOPE"),
+            r#"{"x":1}"#,
+        )
         .await;
     assert_eq!(status, 400, "{body}");
 }

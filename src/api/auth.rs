@@ -37,7 +37,12 @@ pub struct Claims {
 
 impl Auth {
     /// Loads the signing key from `dir`, creating it on first start.
-    pub fn load(dir: &Path, username: String, password: Secret, token_ttl_secs: u64) -> std::io::Result<Auth> {
+    pub fn load(
+        dir: &Path,
+        username: String,
+        password: Secret,
+        token_ttl_secs: u64,
+    ) -> std::io::Result<Auth> {
         let path = dir.join("jwt.key");
         let key = match std::fs::read(&path) {
             Ok(key) if key.len() >= 32 => key,
@@ -113,14 +118,20 @@ impl Auth {
         };
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(format!("{header}.{payload}").as_bytes());
-        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "malformed token")?;
-        mac.verify_slice(&signature).map_err(|_| "invalid token signature")?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| "malformed token")?;
+        mac.verify_slice(&signature)
+            .map_err(|_| "invalid token signature")?;
         let claims: Value = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .ok_or("malformed token")?;
-        let exp = claims.get("exp").and_then(Value::as_i64).ok_or("malformed token")?;
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or("malformed token")?;
         if exp <= crate::msg::now_millis() / 1000 {
             return Err("token has expired");
         }
@@ -129,7 +140,11 @@ impl Auth {
             .and_then(Value::as_array)
             .is_some_and(|s| s.iter().any(|v| v == "REFRESH_TOKEN"));
         Ok(Claims {
-            subject: claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_string(),
+            subject: claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             refresh,
         })
     }
@@ -159,7 +174,11 @@ mod tests {
         let pair = auth.issue("u");
         let token = pair["token"].as_str().unwrap();
         assert!(!auth.verify(token).unwrap().refresh);
-        assert!(auth.verify(pair["refreshToken"].as_str().unwrap()).unwrap().refresh);
+        assert!(
+            auth.verify(pair["refreshToken"].as_str().unwrap())
+                .unwrap()
+                .refresh
+        );
         let forged = token.replacen('.', ".e", 1);
         assert!(auth.verify(&forged).is_err());
         assert!(auth.check_password("u", "p"));

@@ -127,7 +127,10 @@ pub fn router(state: ApiState) -> Router {
             "/api/plugins/telemetry/{entity_type}/{entity_id}/{scope}",
             post(save_entity_attributes),
         )
-        .route("/api/plugins/telemetry/{device_id}/{scope}", post(save_device_attributes))
+        .route(
+            "/api/plugins/telemetry/{device_id}/{scope}",
+            post(save_device_attributes),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
 
     Router::new()
@@ -149,12 +152,16 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token else {
-        return ApiError::unauthorized("Authentication failed: X-Authorization: Bearer <token> is missing")
-            .into_response();
+        return ApiError::unauthorized(
+            "Authentication failed: X-Authorization: Bearer <token> is missing",
+        )
+        .into_response();
     };
     match state.auth.verify(token) {
         Ok(claims) if !claims.refresh => next.run(request).await,
-        Ok(_) => ApiError::unauthorized("a refresh token cannot be used for API calls").into_response(),
+        Ok(_) => {
+            ApiError::unauthorized("a refresh token cannot be used for API calls").into_response()
+        }
         Err(reason) => {
             let mut error = ApiError::unauthorized(format!("Authentication failed: {reason}"));
             if reason.contains("expired") {
@@ -166,13 +173,20 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
 }
 
 fn json_body(body: &Bytes) -> ApiResult<Value> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
 }
 
 async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
     let body = json_body(&body)?;
-    let username = body.get("username").and_then(Value::as_str).unwrap_or_default();
-    let password = body.get("password").and_then(Value::as_str).unwrap_or_default();
+    let username = body
+        .get("username")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let password = body
+        .get("password")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if !state.auth.check_password(username, password) {
         return Err(ApiError::unauthorized("Invalid username or password"));
     }
@@ -181,11 +195,16 @@ async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Val
 
 async fn refresh(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
     let body = json_body(&body)?;
-    let token = body.get("refreshToken").and_then(Value::as_str).unwrap_or_default();
+    let token = body
+        .get("refreshToken")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     match state.auth.verify(token) {
         Ok(claims) if claims.refresh => Ok(Json(state.auth.issue(&claims.subject))),
         Ok(_) => Err(ApiError::unauthorized("not a refresh token")),
-        Err(reason) => Err(ApiError::unauthorized(format!("Authentication failed: {reason}"))),
+        Err(reason) => Err(ApiError::unauthorized(format!(
+            "Authentication failed: {reason}"
+        ))),
     }
 }
 
@@ -233,11 +252,18 @@ fn keys(q: &BTreeMap<String, Vec<String>>) -> Vec<String> {
     keys
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
 }
 
-async fn tenant_devices(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+async fn tenant_devices(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Value>> {
     let q = query(raw);
     if let Some(name) = first(&q, "deviceName") {
         return device_by_name(&state, name).map(Json);
@@ -245,7 +271,10 @@ async fn tenant_devices(State(state): State<ApiState>, RawQuery(raw): RawQuery) 
     list_entities(state, EntityType::Device, q).await
 }
 
-async fn tenant_assets(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+async fn tenant_assets(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Value>> {
     let q = query(raw);
     if let Some(name) = first(&q, "assetName") {
         return state
@@ -257,9 +286,13 @@ async fn tenant_assets(State(state): State<ApiState>, RawQuery(raw): RawQuery) -
     list_entities(state, EntityType::Asset, q).await
 }
 
-async fn tenant_device_by_name(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResult<Json<Value>> {
+async fn tenant_device_by_name(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Value>> {
     let q = query(raw);
-    let name = first(&q, "deviceName").ok_or_else(|| ApiError::bad_request("deviceName is required"))?;
+    let name =
+        first(&q, "deviceName").ok_or_else(|| ApiError::bad_request("deviceName is required"))?;
     device_by_name(&state, name).map(Json)
 }
 
@@ -279,15 +312,17 @@ async fn list_entities(
     let number = |key: &str, default: usize| -> ApiResult<usize> {
         match first(&q, key) {
             None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("{key} must be a non-negative integer"))),
+            Some(v) => v.parse().map_err(|_| {
+                ApiError::bad_request(format!("{key} must be a non-negative integer"))
+            }),
         }
     };
     let page_size = number("pageSize", 10)?.clamp(1, 10_000);
     let page = number("page", 0)?;
     let text_search = first(&q, "textSearch").map(str::to_string);
-    let wanted_type = first(&q, "type").filter(|t| !t.is_empty()).map(str::to_string);
+    let wanted_type = first(&q, "type")
+        .filter(|t| !t.is_empty())
+        .map(str::to_string);
     let store = state.store.clone();
     let all = blocking(move || {
         store
@@ -300,7 +335,12 @@ async fn list_entities(
         .filter(|e| wanted_type.as_ref().is_none_or(|t| &e.profile == t))
         .collect();
     let total = all.len();
-    let data: Vec<Value> = all.iter().skip(page * page_size).take(page_size).map(entity_json).collect();
+    let data: Vec<Value> = all
+        .iter()
+        .skip(page * page_size)
+        .take(page_size)
+        .map(entity_json)
+        .collect();
     Ok(Json(json!({
         "data": data,
         "totalPages": total.div_ceil(page_size),
@@ -309,21 +349,33 @@ async fn list_entities(
     })))
 }
 
-async fn device_by_id(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn device_by_id(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let entity = find_entity(&state, "DEVICE", &id)?;
     Ok(Json(entity_json(&entity)))
 }
 
 fn find_entity(state: &ApiState, entity_type: &str, id: &str) -> ApiResult<Entity> {
-    let entity_type = EntityType::parse(entity_type)
-        .ok_or_else(|| ApiError::bad_request(format!("unsupported entity type {entity_type:?}; use DEVICE or ASSET")))?;
-    let uuid = Uuid::parse_str(id).map_err(|_| ApiError::bad_request(format!("{id:?} is not a valid UUID")))?;
+    let entity_type = EntityType::parse(entity_type).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "unsupported entity type {entity_type:?}; use DEVICE or ASSET"
+        ))
+    })?;
+    let uuid = Uuid::parse_str(id)
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a valid UUID")))?;
     state
         .store
         .entity(uuid)
         .map_err(ApiError::internal)?
         .filter(|e| e.id.entity_type == entity_type)
-        .ok_or_else(|| ApiError::not_found(format!("{} with id [{id}] is not found", entity_type.as_str())))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "{} with id [{id}] is not found",
+                entity_type.as_str()
+            ))
+        })
 }
 
 async fn latest_timeseries(
@@ -336,7 +388,11 @@ async fn latest_timeseries(
     let strict = first(&q, "useStrictDataTypes").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let keys = keys(&q);
     let shown = move |v: &TsValue| {
-        let value = if strict { v.value.to_json() } else { Value::String(v.value.to_text()) };
+        let value = if strict {
+            v.value.to_json()
+        } else {
+            Value::String(v.value.to_text())
+        };
         json!({"ts": v.ts, "value": value})
     };
     let store = state.store.clone();
@@ -348,14 +404,21 @@ async fn latest_timeseries(
                 .map_err(|_| ApiError::bad_request(format!("{name} must be epoch milliseconds")))
         };
         let (start, end) = (parse("startTs", start)?, parse("endTs", end)?);
-        let limit = first(&q, "limit").and_then(|l| l.parse().ok()).unwrap_or(100usize).clamp(1, 100_000);
+        let limit = first(&q, "limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(100usize)
+            .clamp(1, 100_000);
         if keys.is_empty() {
-            return Err(ApiError::bad_request("keys is required with startTs and endTs"));
+            return Err(ApiError::bad_request(
+                "keys is required with startTs and endTs",
+            ));
         }
         let history = blocking(move || {
             let mut out = Map::new();
             for key in keys {
-                let values = store.history(entity.id, &key, start, end, limit).map_err(ApiError::internal)?;
+                let values = store
+                    .history(entity.id, &key, start, end, limit)
+                    .map_err(ApiError::internal)?;
                 if !values.is_empty() {
                     out.insert(key, Value::Array(values.iter().map(shown).collect()));
                 }
@@ -366,7 +429,8 @@ async fn latest_timeseries(
         return Ok(Json(Value::Object(history)));
     }
 
-    let values = blocking(move || store.latest(entity.id, &keys).map_err(ApiError::internal)).await?;
+    let values =
+        blocking(move || store.latest(entity.id, &keys).map_err(ApiError::internal)).await?;
     let mut out = Map::new();
     for v in &values {
         out.insert(v.key.clone(), json!([shown(v)]));
@@ -381,7 +445,10 @@ async fn timeseries_keys(
     let entity = find_entity(&state, &entity_type, &entity_id)?;
     let store = state.store.clone();
     let values = blocking(move || store.latest(entity.id, &[]).map_err(ApiError::internal)).await?;
-    Ok(Json(json!(values.into_iter().map(|v| v.key).collect::<Vec<_>>())))
+    Ok(Json(json!(values
+        .into_iter()
+        .map(|v| v.key)
+        .collect::<Vec<_>>())))
 }
 
 fn attribute_json(values: Vec<TsValue>) -> Vec<Value> {
@@ -402,7 +469,11 @@ async fn all_attributes(
     let values = blocking(move || {
         let mut all = Vec::new();
         for scope in Scope::ALL {
-            all.extend(store.attributes(entity.id, scope, &keys).map_err(ApiError::internal)?);
+            all.extend(
+                store
+                    .attributes(entity.id, scope, &keys)
+                    .map_err(ApiError::internal)?,
+            );
         }
         Ok(all)
     })
@@ -417,11 +488,18 @@ async fn scope_attributes(
 ) -> ApiResult<Json<Value>> {
     let entity = find_entity(&state, &entity_type, &entity_id)?;
     let scope = Scope::parse(&scope).ok_or_else(|| {
-        ApiError::bad_request(format!("invalid scope {scope:?}; use CLIENT_SCOPE, SERVER_SCOPE or SHARED_SCOPE"))
+        ApiError::bad_request(format!(
+            "invalid scope {scope:?}; use CLIENT_SCOPE, SERVER_SCOPE or SHARED_SCOPE"
+        ))
     })?;
     let keys = keys(&query(raw));
     let store = state.store.clone();
-    let values = blocking(move || store.attributes(entity.id, scope, &keys).map_err(ApiError::internal)).await?;
+    let values = blocking(move || {
+        store
+            .attributes(entity.id, scope, &keys)
+            .map_err(ApiError::internal)
+    })
+    .await?;
     Ok(Json(json!(attribute_json(values))))
 }
 
@@ -465,7 +543,9 @@ async fn save_attributes(
     };
     let entity = find_entity(&state, entity_type, entity_id)?;
     let Value::Object(object) = json_body(&body)? else {
-        return Err(ApiError::bad_request("the body must be a JSON object of attribute keys and values"));
+        return Err(ApiError::bad_request(
+            "the body must be a JSON object of attribute keys and values",
+        ));
     };
     if object.is_empty() {
         return Err(ApiError::bad_request("the body has no attributes"));
@@ -497,7 +577,13 @@ async fn save_attributes(
 
     let mut metadata = entity_metadata(&entity, "");
     metadata.insert("scope".into(), scope.as_str().into());
-    let message = TbMsg::new(msg::ATTRIBUTES_UPDATED, entity.id, metadata, Value::Object(object).to_string(), ts);
+    let message = TbMsg::new(
+        msg::ATTRIBUTES_UPDATED,
+        entity.id,
+        metadata,
+        Value::Object(object).to_string(),
+        ts,
+    );
     state.engine.submit(message, api_ticket(entity.id));
     Ok(StatusCode::OK)
 }
@@ -533,10 +619,26 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     let mut text = String::new();
     let snapshot = state.status.snapshot();
     let series: [(&str, &str, &str); 4] = [
-        ("shardflow_records_read_total", "counter", "Records read from the shard."),
-        ("shardflow_records_failed_total", "counter", "Records kept as dead letters."),
-        ("shardflow_in_flight_records", "gauge", "Records fetched but not yet done."),
-        ("shardflow_millis_behind_latest", "gauge", "MillisBehindLatest of the last GetRecords."),
+        (
+            "shardflow_records_read_total",
+            "counter",
+            "Records read from the shard.",
+        ),
+        (
+            "shardflow_records_failed_total",
+            "counter",
+            "Records kept as dead letters.",
+        ),
+        (
+            "shardflow_in_flight_records",
+            "gauge",
+            "Records fetched but not yet done.",
+        ),
+        (
+            "shardflow_millis_behind_latest",
+            "gauge",
+            "MillisBehindLatest of the last GetRecords.",
+        ),
     ];
     for (name, kind, help) in series {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
@@ -558,5 +660,8 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 }
 
 fn escape_label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -125,7 +125,8 @@ pub fn load(path: &Path) -> Result<ChainDef, ChainError> {
         file: path.to_path_buf(),
         problems: vec![ChainProblem { node: None, reason }],
     };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
     parse(&text, path)
 }
 
@@ -266,8 +267,10 @@ mod tests {
     use super::*;
 
     fn chain(nodes: &str, connections: &str) -> String {
-        format!(r#"{{"ruleChain": {{"name": "t"}}, "metadata": {{"firstNodeIndex": 0,
-            "nodes": [{nodes}], "connections": [{connections}]}}}}"#)
+        format!(
+            r#"{{"ruleChain": {{"name": "t"}}, "metadata": {{"firstNodeIndex": 0,
+            "nodes": [{nodes}], "connections": [{connections}]}}}}"#
+        )
     }
 
     const SWITCH: &str = r#"{"type": "org.thingsboard.rule.engine.filter.TbMsgTypeSwitchNode", "name": "switch", "configuration": {"version": 0}}"#;
@@ -275,7 +278,10 @@ mod tests {
 
     #[test]
     fn a_valid_chain_loads() {
-        let text = chain(&format!("{SWITCH},{SAVE}"), r#"{"fromIndex": 0, "toIndex": 1, "type": "Post telemetry"}"#);
+        let text = chain(
+            &format!("{SWITCH},{SAVE}"),
+            r#"{"fromIndex": 0, "toIndex": 1, "type": "Post telemetry"}"#,
+        );
         let def = parse(&text, Path::new("t.json")).unwrap();
         assert_eq!(def.graph.edge_count(), 1);
     }
@@ -293,7 +299,10 @@ mod tests {
         let text = err.to_string();
         assert_eq!(err.problems.len(), 4, "{text}");
         assert!(text.contains("bad.json"));
-        assert!(text.contains("mystery") && text.contains("unknown node type"), "{text}");
+        assert!(
+            text.contains("mystery") && text.contains("unknown node type"),
+            "{text}"
+        );
         assert!(text.contains("dangling"), "{text}");
         assert!(text.contains("itself"), "{text}");
         assert!(text.contains("never emits"), "{text}");

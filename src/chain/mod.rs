@@ -67,10 +67,9 @@ impl Services {
                 _ => Err("integrationId is empty but several integrations have downlink converters; name one".into()),
             };
         }
-        self.downlinks
-            .get(key)
-            .cloned()
-            .ok_or_else(|| format!("integration {key:?} is not configured or has no downlink converter"))
+        self.downlinks.get(key).cloned().ok_or_else(|| {
+            format!("integration {key:?} is not configured or has no downlink converter")
+        })
     }
 }
 
@@ -96,7 +95,10 @@ impl Handler<Envelope> for NodeActor {
         match self.kind.process(env, &self.services, &self.name) {
             NodeOutput::Now(outputs) => self.route(outputs),
             NodeOutput::Later(work) => {
-                ctx.spawn(work.into_actor(self).map(|outputs, node, _| node.route(outputs)));
+                ctx.spawn(
+                    work.into_actor(self)
+                        .map(|outputs, node, _| node.route(outputs)),
+                );
             }
         }
     }
@@ -179,7 +181,8 @@ impl RuleEngine {
     pub fn start(def: &ChainDef, services: Services, arbiters: &[ArbiterHandle]) -> RuleEngine {
         let chain: Arc<str> = Arc::from(def.name.as_str());
         // Successors are started before the nodes that send to them.
-        let order = petgraph::algo::toposort(&def.graph, None).expect("validated chains are acyclic");
+        let order =
+            petgraph::algo::toposort(&def.graph, None).expect("validated chains are acyclic");
         let mut addrs: HashMap<petgraph::graph::NodeIndex, Addr<NodeActor>> = HashMap::new();
         for (n, index) in order.into_iter().rev().enumerate() {
             let node = &def.graph[index];

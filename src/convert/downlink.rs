@@ -59,7 +59,12 @@ fn parse_item(item: Value, path: &str) -> Result<DownlinkRecord, DownlinkError> 
         "JSON" | "TEXT" => data.into_bytes(),
         "BINARY" => base64::engine::general_purpose::STANDARD
             .decode(data.trim())
-            .map_err(|e| error(format!("{path}.data"), format!("BINARY data is not base64: {e}")))?,
+            .map_err(|e| {
+                error(
+                    format!("{path}.data"),
+                    format!("BINARY data is not base64: {e}"),
+                )
+            })?,
         other => {
             return Err(error(
                 format!("{path}.contentType"),
@@ -78,8 +83,12 @@ fn parse_item(item: Value, path: &str) -> Result<DownlinkRecord, DownlinkError> 
             })
             .filter(|s| !s.is_empty())
     };
-    let stream_name = field("streamName")
-        .ok_or_else(|| error(format!("{path}.metadata.streamName"), "is missing: no stream to send to"))?;
+    let stream_name = field("streamName").ok_or_else(|| {
+        error(
+            format!("{path}.metadata.streamName"),
+            "is missing: no stream to send to",
+        )
+    })?;
     if stream_name.contains("${") {
         return Err(error(
             format!("{path}.metadata.streamName"),
@@ -121,6 +130,9 @@ mod tests {
     #[test]
     fn missing_or_templated_stream_is_an_error() {
         assert!(parse(json!({"data": "x", "metadata": {"partitionKey": "k"}})).is_err());
-        assert!(parse(json!({"data": "x", "metadata": {"streamName": "${streamName}", "partitionKey": "k"}})).is_err());
+        assert!(parse(
+            json!({"data": "x", "metadata": {"streamName": "${streamName}", "partitionKey": "k"}})
+        )
+        .is_err());
     }
 }

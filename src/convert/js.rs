@@ -143,7 +143,13 @@ impl JsRuntime {
 
     /// Compiles `body` as the body of `function name(params) { body }` and
     /// keeps it under `key`. Compiling a key again replaces it.
-    pub fn compile(&mut self, key: &str, name: &str, params: &str, body: &str) -> Result<(), JsError> {
+    pub fn compile(
+        &mut self,
+        key: &str,
+        name: &str,
+        params: &str,
+        body: &str,
+    ) -> Result<(), JsError> {
         let source = format!("(function {name}({params}) {{\n{body}\n}})");
         let function = self.engine.context.with(|ctx| {
             let function: Function = ctx
@@ -175,7 +181,9 @@ impl JsRuntime {
             .deadline
             .set(Some(Instant::now() + self.limits.call_timeout));
         let result = self.engine.context.with(|ctx| {
-            let function = function.restore(&ctx).map_err(|e| JsError::Thrown(e.to_string()))?;
+            let function = function
+                .restore(&ctx)
+                .map_err(|e| JsError::Thrown(e.to_string()))?;
             let values = args
                 .iter()
                 .map(|arg| to_js(&ctx, arg))
@@ -196,7 +204,9 @@ impl JsRuntime {
             match text {
                 None => Ok(serde_json::Value::Null),
                 Some(text) => {
-                    let text = text.to_string().map_err(|e| JsError::Result(e.to_string()))?;
+                    let text = text
+                        .to_string()
+                        .map_err(|e| JsError::Result(e.to_string()))?;
                     serde_json::from_str(&text).map_err(|e| JsError::Result(e.to_string()))
                 }
             }
@@ -242,7 +252,7 @@ impl Engine {
         runtime.set_interrupt_handler(Some(Box::new(move || {
             // Reading the clock on every poll costs more than the check.
             polls = polls.wrapping_add(1);
-            if polls % 16 != 0 {
+            if !polls.is_multiple_of(16) {
                 return false;
             }
             watched.get().is_some_and(|d| Instant::now() >= d)
@@ -309,7 +319,8 @@ fn describe_error(ctx: &Ctx<'_>, error: rquickjs::Error) -> String {
             format!("{name}: {message} ({location})")
         }
     } else if let Ok(Some(text)) = ctx.json_stringify(thrown.clone()) {
-        text.to_string().unwrap_or_else(|_| "unknown value thrown".into())
+        text.to_string()
+            .unwrap_or_else(|_| "unknown value thrown".into())
     } else {
         "a non-serialisable value was thrown".into()
     }
@@ -344,10 +355,18 @@ mod tests {
     #[test]
     fn from_char_code_apply_takes_payloads_over_64k() {
         let mut js = runtime();
-        js.compile("t", "Decoder", "payload", "return String.fromCharCode.apply(String, payload).length;")
-            .unwrap();
+        js.compile(
+            "t",
+            "Decoder",
+            "payload",
+            "return String.fromCharCode.apply(String, payload).length;",
+        )
+        .unwrap();
         let bytes = vec![b'a'; 100_000];
-        assert_eq!(js.call("t", &[JsArg::Bytes(&bytes)]).unwrap(), serde_json::json!(100_000));
+        assert_eq!(
+            js.call("t", &[JsArg::Bytes(&bytes)]).unwrap(),
+            serde_json::json!(100_000)
+        );
     }
 
     #[test]
@@ -362,16 +381,25 @@ mod tests {
     #[test]
     fn unbounded_allocation_is_stopped() {
         let mut js = runtime();
-        js.compile("oom", "F", "", "var a = []; while (true) a.push('xxxxxxxxxxxxxxxx' + a.length);")
-            .unwrap();
+        js.compile(
+            "oom",
+            "F",
+            "",
+            "var a = []; while (true) a.push('xxxxxxxxxxxxxxxx' + a.length);",
+        )
+        .unwrap();
         let err = js.call("oom", &[]).unwrap_err();
-        assert!(matches!(err, JsError::OutOfMemory(_) | JsError::Timeout(_)), "{err:?}");
+        assert!(
+            matches!(err, JsError::OutOfMemory(_) | JsError::Timeout(_)),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn thrown_errors_carry_their_message() {
         let mut js = runtime();
-        js.compile("t", "F", "", "throw new Error('bad payload');").unwrap();
+        js.compile("t", "F", "", "throw new Error('bad payload');")
+            .unwrap();
         let err = js.call("t", &[]).unwrap_err().to_string();
         assert!(err.contains("bad payload"), "{err}");
     }
@@ -379,7 +407,11 @@ mod tests {
     #[test]
     fn atob_and_btoa_round_trip() {
         let mut js = runtime();
-        js.compile("t", "F", "", "return [btoa('hello'), atob('aGVsbG8=')];").unwrap();
-        assert_eq!(js.call("t", &[]).unwrap(), serde_json::json!(["aGVsbG8=", "hello"]));
+        js.compile("t", "F", "", "return [btoa('hello'), atob('aGVsbG8=')];")
+            .unwrap();
+        assert_eq!(
+            js.call("t", &[]).unwrap(),
+            serde_json::json!(["aGVsbG8=", "hello"])
+        );
     }
 }

@@ -55,7 +55,11 @@ pub struct Script {
 static NEXT_SCRIPT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Script {
-    pub fn new(kind: ScriptKind, origin: impl Into<String>, body: impl Into<String>) -> Arc<Script> {
+    pub fn new(
+        kind: ScriptKind,
+        origin: impl Into<String>,
+        body: impl Into<String>,
+    ) -> Arc<Script> {
         Arc::new(Script {
             id: NEXT_SCRIPT_ID.fetch_add(1, Ordering::Relaxed),
             kind,
@@ -176,7 +180,10 @@ impl Handler<Decode> for ConverterWorker {
                 let key = self.ensure_compiled(&batch.script)?;
                 let output = self.runtime.call(
                     &key,
-                    &[JsArg::Bytes(&record.payload), JsArg::StringMap(&record.metadata)],
+                    &[
+                        JsArg::Bytes(&record.payload),
+                        JsArg::StringMap(&record.metadata),
+                    ],
                 )?;
                 Ok(uplink::parse(output)?)
             })
@@ -225,7 +232,11 @@ impl Handler<RunScript> for ConverterWorker {
             };
             Ok(self.runtime.call(
                 &key,
-                &[JsArg::Json(&data), JsArg::StringMap(&job.metadata), JsArg::Str(&job.msg_type)],
+                &[
+                    JsArg::Json(&data),
+                    JsArg::StringMap(&job.metadata),
+                    JsArg::Str(&job.msg_type),
+                ],
             )?)
         })();
         MessageResult(result)

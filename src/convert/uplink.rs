@@ -21,9 +21,12 @@ pub struct Uplink {
     pub group_name: Option<String>,
     /// Telemetry values grouped by timestamp; `None` means "no ts given"
     /// and is replaced by the record's arrival time.
-    pub telemetry: Vec<(Option<i64>, Map<String, Value>)>,
+    pub telemetry: Telemetry,
     pub attributes: Map<String, Value>,
 }
+
+/// Telemetry values grouped by optional timestamp.
+pub type Telemetry = Vec<(Option<i64>, Map<String, Value>)>;
 
 /// Why a converter result was rejected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -57,20 +60,32 @@ pub fn parse(output: Value) -> Result<Vec<Uplink>, UplinkError> {
         Value::Object(_) => Ok(vec![parse_item(output, "")?]),
         other => Err(error(
             "",
-            format!("expected an object or an array of objects, got {}", kind(&other)),
+            format!(
+                "expected an object or an array of objects, got {}",
+                kind(&other)
+            ),
         )),
     }
 }
 
 fn parse_item(item: Value, path: &str) -> Result<Uplink, UplinkError> {
     let Value::Object(mut object) = item else {
-        return Err(error(path, format!("expected an object, got {}", kind(&item))));
+        return Err(error(
+            path,
+            format!("expected an object, got {}", kind(&item)),
+        ));
     };
-    let (entity_type, name, type_key) = match (take_string(&mut object, "deviceName"), take_string(&mut object, "assetName")) {
+    let (entity_type, name, type_key) = match (
+        take_string(&mut object, "deviceName"),
+        take_string(&mut object, "assetName"),
+    ) {
         (Some(name), _) => (EntityType::Device, name, "deviceType"),
         (None, Some(name)) => (EntityType::Asset, name, "assetType"),
         (None, None) => {
-            return Err(error(path, "has no deviceName (or assetName): the record names no device"))
+            return Err(error(
+                path,
+                "has no deviceName (or assetName): the record names no device",
+            ))
         }
     };
     if name.trim().is_empty() {
@@ -97,7 +112,8 @@ fn parse_item(item: Value, path: &str) -> Result<Uplink, UplinkError> {
         entity_type,
         name,
         profile,
-        label: take_string(&mut object, "deviceLabel").or_else(|| take_string(&mut object, "assetLabel")),
+        label: take_string(&mut object, "deviceLabel")
+            .or_else(|| take_string(&mut object, "assetLabel")),
         customer_name: take_string(&mut object, "customerName"),
         group_name: take_string(&mut object, "groupName"),
         telemetry,
@@ -105,7 +121,7 @@ fn parse_item(item: Value, path: &str) -> Result<Uplink, UplinkError> {
     })
 }
 
-fn parse_telemetry(value: Value, path: &str) -> Result<Vec<(Option<i64>, Map<String, Value>)>, UplinkError> {
+fn parse_telemetry(value: Value, path: &str) -> Result<Telemetry, UplinkError> {
     match value {
         Value::Array(items) => items
             .into_iter()
@@ -117,9 +133,15 @@ fn parse_telemetry(value: Value, path: &str) -> Result<Vec<(Option<i64>, Map<Str
 }
 
 /// One `{ts, values}` entry, or a flat object of values without a ts.
-fn parse_ts_entry(value: Value, path: &str) -> Result<(Option<i64>, Map<String, Value>), UplinkError> {
+fn parse_ts_entry(
+    value: Value,
+    path: &str,
+) -> Result<(Option<i64>, Map<String, Value>), UplinkError> {
     let Value::Object(mut object) = value else {
-        return Err(error(path, format!("expected an object, got {}", kind(&value))));
+        return Err(error(
+            path,
+            format!("expected an object, got {}", kind(&value)),
+        ));
     };
     if object.contains_key("ts") && object.contains_key("values") {
         let ts = parse_ts(object.remove("ts").unwrap_or(Value::Null))
@@ -128,7 +150,10 @@ fn parse_ts_entry(value: Value, path: &str) -> Result<(Option<i64>, Map<String, 
             Some(Value::Object(values)) => Ok((Some(ts), values)),
             other => Err(error(
                 format!("{path}.values"),
-                format!("expected an object, got {}", kind(&other.unwrap_or(Value::Null))),
+                format!(
+                    "expected an object, got {}",
+                    kind(&other.unwrap_or(Value::Null))
+                ),
             )),
         };
     }
@@ -173,7 +198,10 @@ mod tests {
     fn flat_telemetry_has_no_ts() {
         let out = parse(json!({"deviceName": "d", "telemetry": {"t": 1}})).unwrap();
         assert_eq!(out[0].profile, "default");
-        assert_eq!(out[0].telemetry, vec![(None, json!({"t": 1}).as_object().unwrap().clone())]);
+        assert_eq!(
+            out[0].telemetry,
+            vec![(None, json!({"t": 1}).as_object().unwrap().clone())]
+        );
     }
 
     #[test]

@@ -85,7 +85,11 @@ struct ConvertedBatch {
 }
 
 impl ShardConsumer {
-    pub fn new(integration: Arc<Integration>, shard_id: String, checkpoint: Option<String>) -> Self {
+    pub fn new(
+        integration: Arc<Integration>,
+        shard_id: String,
+        checkpoint: Option<String>,
+    ) -> Self {
         let start = match &checkpoint {
             Some(sequence) => Position::After(sequence.clone()),
             None => Position::Initial(integration.config.initial_position),
@@ -122,14 +126,16 @@ impl ShardConsumer {
     fn set_state(&self, state: ShardState, error: Option<String>) {
         let in_flight = self.window.records();
         let checkpoint = self.written_checkpoint.clone();
-        self.integration.status.update(self.name(), &self.shard_id, |s| {
-            s.state = state;
-            s.in_flight = in_flight;
-            s.checkpoint = checkpoint;
-            if error.is_some() {
-                s.last_error = error;
-            }
-        });
+        self.integration
+            .status
+            .update(self.name(), &self.shard_id, |s| {
+                s.state = state;
+                s.in_flight = in_flight;
+                s.checkpoint = checkpoint;
+                if error.is_some() {
+                    s.last_error = error;
+                }
+            });
     }
 
     /// Gets a shard iterator at the current position.
@@ -143,7 +149,10 @@ impl ShardConsumer {
         let stream = self.stream().to_string();
         let shard = self.shard_id.clone();
         let task = self.integration.io.spawn(async move {
-            let request = client.get_shard_iterator().stream_name(stream).shard_id(shard);
+            let request = client
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(shard);
             let request = match position {
                 Position::After(sequence) => request
                     .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
@@ -165,13 +174,20 @@ impl ShardConsumer {
                 .map_err(|e| describe(&e))
         });
         ctx.spawn(
-            async move { task.await.unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string()))) }
-                .into_actor(self)
-                .map(|result, consumer, ctx| consumer.positioned(result, ctx)),
+            async move {
+                task.await
+                    .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
+            }
+            .into_actor(self)
+            .map(|result, consumer, ctx| consumer.positioned(result, ctx)),
         );
     }
 
-    fn positioned(&mut self, result: Result<Option<String>, (String, String)>, ctx: &mut Context<Self>) {
+    fn positioned(
+        &mut self,
+        result: Result<Option<String>, (String, String)>,
+        ctx: &mut Context<Self>,
+    ) {
         if self.phase == Phase::Stopped {
             return;
         }
@@ -240,7 +256,9 @@ impl ShardConsumer {
         self.phase = Phase::Fetching;
         self.next_call_at = now + CALL_INTERVAL;
         let room = self.integration.pipeline.max_in_flight_records - self.window.records();
-        let limit = (self.integration.config.max_records as usize).min(room).max(1) as i32;
+        let limit = (self.integration.config.max_records as usize)
+            .min(room)
+            .max(1) as i32;
         let client = self.integration.client.clone();
         let task = self.integration.io.spawn(async move {
             client
@@ -252,9 +270,12 @@ impl ShardConsumer {
                 .map_err(|e| describe(&e))
         });
         ctx.spawn(
-            async move { task.await.unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string()))) }
-                .into_actor(self)
-                .map(|result, consumer, ctx| consumer.fetched(result, ctx)),
+            async move {
+                task.await
+                    .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
+            }
+            .into_actor(self)
+            .map(|result, consumer, ctx| consumer.fetched(result, ctx)),
         );
     }
 
@@ -283,10 +304,12 @@ impl ShardConsumer {
             self.stop(ShardState::Failed, Some(e));
             return;
         }
-        self.integration.status.update(self.name(), &self.shard_id, |s| {
-            s.millis_behind_latest = behind;
-            s.records_read += fetched as u64;
-        });
+        self.integration
+            .status
+            .update(self.name(), &self.shard_id, |s| {
+                s.millis_behind_latest = behind;
+                s.records_read += fetched as u64;
+            });
 
         // Caught up: wait before the next call, longer while it stays so.
         if fetched == 0 && behind == Some(0) {
@@ -307,7 +330,11 @@ impl ShardConsumer {
     }
 
     /// Puts fetched records in the window and sends them to the converter.
-    fn accept(&mut self, records: &[aws_sdk_kinesis::types::Record], ctx: &mut Context<Self>) -> Result<(), String> {
+    fn accept(
+        &mut self,
+        records: &[aws_sdk_kinesis::types::Record],
+        ctx: &mut Context<Self>,
+    ) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
         }
@@ -348,11 +375,22 @@ impl ShardConsumer {
             records: inputs,
         };
         let pool = self.integration.js.clone();
-        ctx.spawn(pool.send(job).into_actor(self).map(move |result, consumer, ctx| {
-            let results = result.unwrap_or_else(|_| vec![Err(ConvertError::PoolGone); batch.len()]);
-            consumer.converted.insert(number, ConvertedBatch { records: batch, results });
-            consumer.forward(ctx);
-        }));
+        ctx.spawn(
+            pool.send(job)
+                .into_actor(self)
+                .map(move |result, consumer, ctx| {
+                    let results =
+                        result.unwrap_or_else(|_| vec![Err(ConvertError::PoolGone); batch.len()]);
+                    consumer.converted.insert(
+                        number,
+                        ConvertedBatch {
+                            records: batch,
+                            results,
+                        },
+                    );
+                    consumer.forward(ctx);
+                }),
+        );
         Ok(())
     }
 
@@ -393,7 +431,9 @@ impl ShardConsumer {
             sequence_number = %source.sequence_number, partition_key = %source.partition_key,
             error = %error, "record not processed; kept as a dead letter"
         );
-        self.integration.status.update(self.name(), &self.shard_id, |s| s.records_failed += 1);
+        self.integration
+            .status
+            .update(self.name(), &self.shard_id, |s| s.records_failed += 1);
         let write = Write::DeadLetter {
             integration: source.integration.clone(),
             stream: source.stream.clone(),
@@ -428,7 +468,9 @@ impl ShardConsumer {
         let wait = self.next_backoff(&code);
         let throttled = matches!(
             code.as_str(),
-            "ProvisionedThroughputExceededException" | "LimitExceededException" | "ThrottlingException"
+            "ProvisionedThroughputExceededException"
+                | "LimitExceededException"
+                | "ThrottlingException"
         );
         if throttled {
             tracing::warn!(integration = %self.name(), shard = %self.shard_id, retry_in_ms = wait.as_millis() as u64, "GetRecords throttled; backing off");
@@ -534,7 +576,8 @@ impl Actor for ShardConsumer {
             start = ?self.start, "shard consumer started"
         );
         self.set_state(ShardState::Starting, None);
-        let interval = Duration::from_millis(self.integration.pipeline.checkpoint_interval_ms.max(10));
+        let interval =
+            Duration::from_millis(self.integration.pipeline.checkpoint_interval_ms.max(10));
         ctx.run_interval(interval, |consumer, _| consumer.save_checkpoint());
         self.position(ctx);
     }
@@ -641,7 +684,10 @@ fn decoder_metadata(source: &SourceRecord) -> BTreeMap<String, String> {
     metadata.insert("shardId".into(), source.shard.clone());
     metadata.insert("partitionKey".into(), source.partition_key.clone());
     metadata.insert("sequenceNumber".into(), source.sequence_number.clone());
-    metadata.insert("approximateArrivalTimestamp".into(), source.arrival_ms.to_string());
+    metadata.insert(
+        "approximateArrivalTimestamp".into(),
+        source.arrival_ms.to_string(),
+    );
     metadata
 }
 

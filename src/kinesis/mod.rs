@@ -50,7 +50,10 @@ impl Consumers {
     pub async fn drain(&self, limit: Duration) {
         let consumers: Vec<_> = self.0.lock().expect("consumers lock").clone();
         let waits = consumers.iter().map(|c| c.send(Drain));
-        if tokio::time::timeout(limit, futures::future::join_all(waits)).await.is_err() {
+        if tokio::time::timeout(limit, futures::future::join_all(waits))
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "records still in flight after {limit:?}; they will be read again after restart"
             );
@@ -117,11 +120,16 @@ async fn list_until_found(integration: &Integration) -> Vec<Shard> {
                         config.stream_name, config.region
                     )
                 } else {
-                    format!("cannot list the shards of stream {:?} in region {}: {code}: {message}", config.stream_name, config.region)
+                    format!(
+                        "cannot list the shards of stream {:?} in region {}: {code}: {message}",
+                        config.stream_name, config.region
+                    )
                 };
                 tracing::error!(integration = %config.name, stream = %config.stream_name,
                     retry_in_s = pause.as_secs(), "{reason}");
-                integration.status.integration_pending(&config.name, Some(reason));
+                integration
+                    .status
+                    .integration_pending(&config.name, Some(reason));
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(30));
             }

@@ -53,15 +53,27 @@ impl Handler<Put> for DownlinkProducer {
     fn handle(&mut self, Put(records): Put, _: &mut Context<Self>) -> Self::Result {
         let client = self.client.clone();
         let integration = self.integration.clone();
-        let task = self.io.spawn(async move { put_all(&client, &integration, records).await });
-        Box::pin(async move { task.await.map_err(|e| format!("producer task failed: {e}"))? })
+        let task = self
+            .io
+            .spawn(async move { put_all(&client, &integration, records).await });
+        Box::pin(async move {
+            task.await
+                .map_err(|e| format!("producer task failed: {e}"))?
+        })
     }
 }
 
-async fn put_all(client: &Client, integration: &str, records: Vec<DownlinkRecord>) -> Result<(), String> {
+async fn put_all(
+    client: &Client,
+    integration: &str,
+    records: Vec<DownlinkRecord>,
+) -> Result<(), String> {
     let mut by_stream: BTreeMap<String, Vec<DownlinkRecord>> = BTreeMap::new();
     for record in records {
-        by_stream.entry(record.stream_name.clone()).or_default().push(record);
+        by_stream
+            .entry(record.stream_name.clone())
+            .or_default()
+            .push(record);
     }
     for (stream, records) in by_stream {
         for chunk in records.chunks(MAX_BATCH) {
@@ -91,10 +103,21 @@ async fn put_batch(
                     .map_err(|e| e.to_string())
             })
             .collect::<Result<Vec<_>, _>>()?;
-        match client.put_records().stream_name(stream).set_records(Some(entries)).send().await {
+        match client
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+        {
             Ok(output) => {
                 if output.failed_record_count().unwrap_or(0) == 0 {
-                    tracing::debug!(integration, stream, records = pending.len(), "downlink records put");
+                    tracing::debug!(
+                        integration,
+                        stream,
+                        records = pending.len(),
+                        "downlink records put"
+                    );
                     return Ok(());
                 }
                 // Keep only the rejected entries; results are in request order.
@@ -110,9 +133,19 @@ async fn put_batch(
             }
             Err(e) => {
                 let code = e.code().unwrap_or("request failed").to_string();
-                last_error = format!("{code}: {}", e.message().map(str::to_string).unwrap_or_else(|| e.to_string()));
-                if matches!(code.as_str(), "ResourceNotFoundException" | "AccessDeniedException" | "ValidationException") {
-                    return Err(format!("PutRecords to stream {stream:?} failed: {last_error}"));
+                last_error = format!(
+                    "{code}: {}",
+                    e.message()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| e.to_string())
+                );
+                if matches!(
+                    code.as_str(),
+                    "ResourceNotFoundException" | "AccessDeniedException" | "ValidationException"
+                ) {
+                    return Err(format!(
+                        "PutRecords to stream {stream:?} failed: {last_error}"
+                    ));
                 }
             }
         }

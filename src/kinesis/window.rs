@@ -19,13 +19,18 @@ impl SequenceNumber {
             return None;
         }
         let digits = text.trim_start_matches('0');
-        Some(SequenceNumber(if digits.is_empty() { "0" } else { digits }.to_string()))
+        Some(SequenceNumber(
+            if digits.is_empty() { "0" } else { digits }.to_string(),
+        ))
     }
 }
 
 impl Ord for SequenceNumber {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.len().cmp(&other.0.len()).then_with(|| self.0.cmp(&other.0))
+        self.0
+            .len()
+            .cmp(&other.0.len())
+            .then_with(|| self.0.cmp(&other.0))
     }
 }
 
@@ -65,6 +70,12 @@ pub enum WindowError {
     BadSequenceNumber(String),
     #[error("sequence number {new} is not after {previous}: records out of order")]
     OutOfOrder { previous: String, new: String },
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window::new()
+    }
 }
 
 impl Window {
@@ -160,7 +171,10 @@ mod tests {
         w.push("9", 1).unwrap();
         // As text "10" < "9"; as numbers it is later.
         assert!(w.push("10", 1).is_ok());
-        assert!(matches!(w.push("10", 1), Err(WindowError::OutOfOrder { .. })));
+        assert!(matches!(
+            w.push("10", 1),
+            Err(WindowError::OutOfOrder { .. })
+        ));
         let long = "49599874927422395224927130964668873176443726009932447746";
         let longer = "49599874927422395224927130964668873176443726009932447747";
         assert!(SequenceNumber::parse(long) < SequenceNumber::parse(longer));

@@ -92,6 +92,17 @@ pub struct Entity {
     pub created_time: i64,
 }
 
+/// What is known of an entity when it is first seen.
+#[derive(Debug, Clone, Copy)]
+pub struct EntityDraft<'a> {
+    pub entity_type: EntityType,
+    pub name: &'a str,
+    pub profile: &'a str,
+    pub label: Option<&'a str>,
+    pub customer_name: Option<&'a str>,
+    pub group_name: Option<&'a str>,
+}
+
 /// A stored value with its timestamp.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TsValue {
@@ -254,7 +265,11 @@ impl Store {
     }
 
     /// Writes and waits until they are committed.
-    pub async fn write(&self, writes: Vec<Write>, ticket: Option<Ticket>) -> Result<(), StoreError> {
+    pub async fn write(
+        &self,
+        writes: Vec<Write>,
+        ticket: Option<Ticket>,
+    ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(writer::Job {
@@ -270,34 +285,30 @@ impl Store {
     /// and whether it is new; a new entity's row is queued with `ticket`.
     pub fn ensure_entity(
         &self,
-        entity_type: EntityType,
-        name: &str,
-        profile: &str,
-        label: Option<&str>,
-        customer_name: Option<&str>,
-        group_name: Option<&str>,
+        draft: EntityDraft<'_>,
         ticket: Option<Ticket>,
     ) -> Result<(Entity, bool), StoreError> {
+        let key = (draft.entity_type, draft.name.to_string());
         let mut entities = self.entities.lock().expect("entity cache lock");
-        if let Some(entity) = entities.get(&(entity_type, name.to_string())) {
+        if let Some(entity) = entities.get(&key) {
             return Ok((entity.clone(), false));
         }
         let entity = Entity {
             id: EntityId {
-                entity_type,
+                entity_type: draft.entity_type,
                 id: Uuid::new_v4(),
             },
-            name: name.to_string(),
-            profile: profile.to_string(),
-            label: label.map(str::to_string),
-            customer_name: customer_name.map(str::to_string),
-            group_name: group_name.map(str::to_string),
+            name: draft.name.to_string(),
+            profile: draft.profile.to_string(),
+            label: draft.label.map(str::to_string),
+            customer_name: draft.customer_name.map(str::to_string),
+            group_name: draft.group_name.map(str::to_string),
             created_time: crate::msg::now_millis(),
         };
         // Queued while the cache lock is held, so the row is committed
         // before any write that refers to the entity.
         self.submit(vec![Write::Entity(entity.clone())], ticket)?;
-        entities.insert((entity_type, name.to_string()), entity.clone());
+        entities.insert(key, entity.clone());
         Ok((entity, true))
     }
 
@@ -318,7 +329,11 @@ impl Store {
 
     /// Committed entities of a type whose name contains `text_search`,
     /// sorted by name.
-    pub fn entities(&self, entity_type: EntityType, text_search: Option<&str>) -> Result<Vec<Entity>, StoreError> {
+    pub fn entities(
+        &self,
+        entity_type: EntityType,
+        text_search: Option<&str>,
+    ) -> Result<Vec<Entity>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, entity_type, name, type, label, customer_name, group_name, created_time
@@ -344,7 +359,14 @@ impl Store {
 
     /// Telemetry history of one key between `start` and `end` inclusive,
     /// newest first, at most `limit` values.
-    pub fn history(&self, entity: EntityId, key: &str, start: i64, end: i64, limit: usize) -> Result<Vec<TsValue>, StoreError> {
+    pub fn history(
+        &self,
+        entity: EntityId,
+        key: &str,
+        start: i64,
+        end: i64,
+        limit: usize,
+    ) -> Result<Vec<TsValue>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT key, ts, kind, long_v, dbl_v, str_v FROM ts_kv
@@ -369,19 +391,30 @@ impl Store {
         })
     }
 
-    pub fn attributes(&self, entity: EntityId, scope: Scope, keys: &[String]) -> Result<Vec<TsValue>, StoreError> {
+    pub fn attributes(
+        &self,
+        entity: EntityId,
+        scope: Scope,
+        keys: &[String],
+    ) -> Result<Vec<TsValue>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT key, last_update_ts, kind, long_v, dbl_v, str_v FROM attributes
                  WHERE entity_id = ?1 AND scope = ?2 ORDER BY key",
             )?;
-            let rows = stmt.query_map(params![entity.id.to_string(), scope.as_str()], ts_value_row)?;
+            let rows =
+                stmt.query_map(params![entity.id.to_string(), scope.as_str()], ts_value_row)?;
             let all: Vec<TsValue> = rows.collect::<rusqlite::Result<_>>()?;
             Ok(filter_keys(all, keys))
         })
     }
 
-    pub fn checkpoint(&self, application: &str, stream: &str, shard: &str) -> Result<Option<Checkpoint>, StoreError> {
+    pub fn checkpoint(
+        &self,
+        application: &str,
+        stream: &str,
+        shard: &str,
+    ) -> Result<Option<Checkpoint>, StoreError> {
         self.read(|conn| {
             conn.query_row(
                 "SELECT sequence_number, shard_end FROM checkpoints
@@ -435,7 +468,10 @@ fn filter_keys(values: Vec<TsValue>, keys: &[String]) -> Vec<TsValue> {
     if keys.is_empty() {
         return values;
     }
-    values.into_iter().filter(|v| keys.contains(&v.key)).collect()
+    values
+        .into_iter()
+        .filter(|v| keys.contains(&v.key))
+        .collect()
 }
 
 fn ts_value_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TsValue> {

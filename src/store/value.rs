@@ -37,7 +37,9 @@ impl KvValue {
                 .map(Value::Number)
                 .unwrap_or(Value::Null),
             KvValue::Str(s) => Value::String(s.clone()),
-            KvValue::Json(text) => serde_json::from_str(text).unwrap_or(Value::String(text.clone())),
+            KvValue::Json(text) => {
+                serde_json::from_str(text).unwrap_or(Value::String(text.clone()))
+            }
         }
     }
 
@@ -97,9 +99,15 @@ mod tests {
     #[test]
     fn kinds_follow_thingsboard() {
         assert_eq!(KvValue::from_json(&json!(22)), Some(KvValue::Long(22)));
-        assert_eq!(KvValue::from_json(&json!(22.5)), Some(KvValue::Double(22.5)));
+        assert_eq!(
+            KvValue::from_json(&json!(22.5)),
+            Some(KvValue::Double(22.5))
+        );
         assert_eq!(KvValue::from_json(&json!(true)), Some(KvValue::Bool(true)));
-        assert_eq!(KvValue::from_json(&json!({"a": 1})), Some(KvValue::Json("{\"a\":1}".into())));
+        assert_eq!(
+            KvValue::from_json(&json!({"a": 1})),
+            Some(KvValue::Json("{\"a\":1}".into()))
+        );
         assert_eq!(KvValue::from_json(&json!(null)), None);
     }
 }

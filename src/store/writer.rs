@@ -245,7 +245,16 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             let id = entity.id.to_string();
             for (key, value) in values {
                 let (kind, long_v, dbl_v, str_v) = value.columns();
-                stmt.execute(params![id, scope.as_str(), key, ts, kind, long_v, dbl_v, str_v])?;
+                stmt.execute(params![
+                    id,
+                    scope.as_str(),
+                    key,
+                    ts,
+                    kind,
+                    long_v,
+                    dbl_v,
+                    str_v
+                ])?;
             }
         }
         Write::Checkpoint {

@@ -50,7 +50,9 @@ impl Emulator {
                 .unwrap();
             });
         });
-        let address = ready_rx.recv_timeout(Duration::from_secs(30)).expect("emulator starts");
+        let address = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("emulator starts");
         Emulator {
             endpoint: format!("http://{address}"),
             stop: Some(stop),
@@ -91,11 +93,24 @@ pub async fn create_stream(client: &Client, name: &str, shards: i32) {
         .send()
         .await
         .expect("create stream");
-    wait_for("stream to become ACTIVE", Duration::from_secs(30), || async {
-        let out = client.describe_stream_summary().stream_name(name).send().await.ok()?;
-        let status = out.stream_description_summary()?.stream_status().as_str().to_string();
-        (status == "ACTIVE").then_some(())
-    })
+    wait_for(
+        "stream to become ACTIVE",
+        Duration::from_secs(30),
+        || async {
+            let out = client
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .ok()?;
+            let status = out
+                .stream_description_summary()?
+                .stream_status()
+                .as_str()
+                .to_string();
+            (status == "ACTIVE").then_some(())
+        },
+    )
     .await;
 }
 
@@ -138,7 +153,11 @@ pub async fn put_many(client: &Client, stream: &str, records: &[(String, Vec<u8>
 
 /// Every record of every shard of a stream, read from TRIM_HORIZON.
 pub async fn read_all(client: &Client, stream: &str) -> Vec<aws_sdk_kinesis::types::Record> {
-    read_by_shard(client, stream).await.into_values().flatten().collect()
+    read_by_shard(client, stream)
+        .await
+        .into_values()
+        .flatten()
+        .collect()
 }
 
 /// Every record of a stream by shard id, read from TRIM_HORIZON.
@@ -146,7 +165,12 @@ pub async fn read_by_shard(
     client: &Client,
     stream: &str,
 ) -> std::collections::BTreeMap<String, Vec<aws_sdk_kinesis::types::Record>> {
-    let shards = client.list_shards().stream_name(stream).send().await.unwrap();
+    let shards = client
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap();
     let mut by_shard = std::collections::BTreeMap::new();
     for shard in shards.shards() {
         let mut records = Vec::new();
@@ -161,7 +185,12 @@ pub async fn read_by_shard(
             .shard_iterator()
             .map(str::to_string);
         while let Some(it) = iterator {
-            let out = client.get_records().shard_iterator(it).send().await.unwrap();
+            let out = client
+                .get_records()
+                .shard_iterator(it)
+                .send()
+                .await
+                .unwrap();
             let empty = out.records().is_empty();
             records.extend(out.records().iter().cloned());
             iterator = out.next_shard_iterator().map(str::to_string);
@@ -243,7 +272,11 @@ pub fn write_config(dir: &Path, setup: &Setup, endpoint: &str, port: u16) -> Pat
     std::fs::create_dir_all(dir.join("converters")).unwrap();
     std::fs::create_dir_all(dir.join("rulechains")).unwrap();
     std::fs::write(dir.join("converters/uplink.js"), &setup.uplink_converter).unwrap();
-    std::fs::write(dir.join("converters/downlink.js"), &setup.downlink_converter).unwrap();
+    std::fs::write(
+        dir.join("converters/downlink.js"),
+        &setup.downlink_converter,
+    )
+    .unwrap();
     std::fs::write(dir.join("rulechains/root.json"), &setup.root_chain).unwrap();
     let config = format!(
         r#"
@@ -432,11 +465,17 @@ impl Service {
     pub async fn wait_device(&mut self, name: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (status, body) = self.get(&format!("/api/tenant/devices?deviceName={name}")).await;
+            let (status, body) = self
+                .get(&format!("/api/tenant/devices?deviceName={name}"))
+                .await;
             if status == 200 {
                 return body;
             }
-            assert!(Instant::now() < deadline, "device {name} never appeared\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "device {name} never appeared\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

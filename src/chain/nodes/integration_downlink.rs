@@ -22,7 +22,11 @@ impl Config {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
             // ThingsBoard may export the id as {entityType, id}.
-            Some(Value::Object(o)) => o.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+            Some(Value::Object(o)) => o
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             Some(other) => return Err(format!("integrationId must be a string, got {other}")),
         };
         Ok(Config { integration })

@@ -18,8 +18,15 @@ pub struct Config {
 
 impl Config {
     pub fn parse(config: &Value) -> Result<Config, String> {
-        let lang = config.get("scriptLang").and_then(Value::as_str).unwrap_or("JS");
-        let key = if lang.eq_ignore_ascii_case("TBEL") { "tbelScript" } else { "jsScript" };
+        let lang = config
+            .get("scriptLang")
+            .and_then(Value::as_str)
+            .unwrap_or("JS");
+        let key = if lang.eq_ignore_ascii_case("TBEL") {
+            "tbelScript"
+        } else {
+            "jsScript"
+        };
         let script = config
             .get(key)
             .and_then(Value::as_str)

@@ -44,15 +44,23 @@ impl NodeKind {
         let short = type_name.strip_prefix(PREFIX).unwrap_or(type_name);
         match short {
             "filter.TbMsgTypeSwitchNode" => Ok(NodeKind::MsgTypeSwitch),
-            "telemetry.TbMsgTimeseriesNode" => save_timeseries::Config::parse(config).map(NodeKind::SaveTimeseries),
-            "telemetry.TbMsgAttributesNode" => save_attributes::Config::parse(config).map(NodeKind::SaveAttributes),
+            "telemetry.TbMsgTimeseriesNode" => {
+                save_timeseries::Config::parse(config).map(NodeKind::SaveTimeseries)
+            }
+            "telemetry.TbMsgAttributesNode" => {
+                save_attributes::Config::parse(config).map(NodeKind::SaveAttributes)
+            }
             "action.TbLogNode" => log::Config::parse(config).map(NodeKind::Log),
             "integration.TbIntegrationDownlinkNode" => {
                 integration_downlink::Config::parse(config).map(NodeKind::IntegrationDownlink)
             }
             _ => Err(format!(
                 "unknown node type {type_name:?}; supported: {}",
-                SUPPORTED.iter().map(|s| format!("{PREFIX}{s}")).collect::<Vec<_>>().join(", ")
+                SUPPORTED
+                    .iter()
+                    .map(|s| format!("{PREFIX}{s}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
@@ -69,7 +77,9 @@ impl NodeKind {
     /// Whether the node can emit `relation` (compared case-insensitively,
     /// as ThingsBoard does).
     pub fn emits(&self, relation: &str) -> bool {
-        self.relations().iter().any(|r| r.eq_ignore_ascii_case(relation))
+        self.relations()
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(relation))
     }
 
     /// Processes one message.
@@ -79,7 +89,9 @@ impl NodeKind {
             NodeKind::SaveTimeseries(config) => save_timeseries::process(config, env, services),
             NodeKind::SaveAttributes(config) => save_attributes::process(config, env, services),
             NodeKind::Log(config) => log::process(config, env, services, node),
-            NodeKind::IntegrationDownlink(config) => integration_downlink::process(config, env, services),
+            NodeKind::IntegrationDownlink(config) => {
+                integration_downlink::process(config, env, services)
+            }
             NodeKind::Invalid => NodeOutput::Now(vec![failure(env, "invalid node")]),
         }
     }
