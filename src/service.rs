@@ -19,6 +19,7 @@ use crate::chain::{self, DownlinkTarget, RuleEngine, Services};
 use crate::config::{Config, IntegrationConfig};
 use crate::convert::js::JsLimits;
 use crate::convert::{ConverterWorker, Script, ScriptKind};
+use crate::kinesis::reader::KinesisReader;
 use crate::kinesis::{
     self, producer::DownlinkProducer, producer::ProducerSender, Consumers, Integration,
 };
@@ -190,8 +191,10 @@ async fn serve(
         let runtime = Arc::new(Integration {
             config: integration.clone(),
             pipeline: config.pipeline.clone(),
-            client: clients[&integration.name].clone(),
-            io: io.clone(),
+            reader: Arc::new(KinesisReader {
+                client: clients[&integration.name].clone(),
+                io: io.clone(),
+            }),
             decoder: Script::load(ScriptKind::Decoder, &integration.uplink_converter)?,
             js: js.clone(),
             store: store.clone(),

@@ -17,31 +17,20 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
-use aws_sdk_kinesis::types::ShardIteratorType;
-use bytes::Bytes;
 use rand::Rng;
 
+use super::reader::{Fetched, Position, RawRecord, ReadError};
 use super::window::Window;
 use super::Integration;
-use crate::config::InitialPosition;
 use crate::convert::{ConvertError, Decode, DecodeInput, Uplink};
 use crate::delivery::{CompletionSink, SourceRecord, Ticket};
 use crate::status::ShardState;
 use crate::store::Write;
 
-/// Least time between two GetRecords calls on one shard.
-const CALL_INTERVAL: Duration = Duration::from_millis(200);
 /// Longest wait between calls when caught up.
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(1000);
 /// Longest backoff after errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
-
-/// Where the next shard iterator starts.
-#[derive(Debug, Clone)]
-enum Position {
-    After(String),
-    Initial(InitialPosition),
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -145,41 +134,13 @@ impl ShardConsumer {
             Some(sequence) => Position::After(sequence.clone()),
             None => self.start.clone(),
         };
-        let client = self.integration.client.clone();
-        let stream = self.stream().to_string();
-        let shard = self.shard_id.clone();
-        let task = self.integration.io.spawn(async move {
-            let request = client
-                .get_shard_iterator()
-                .stream_name(stream)
-                .shard_id(shard);
-            let request = match position {
-                Position::After(sequence) => request
-                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                    .starting_sequence_number(sequence),
-                Position::Initial(InitialPosition::Latest) => {
-                    request.shard_iterator_type(ShardIteratorType::Latest)
-                }
-                Position::Initial(InitialPosition::TrimHorizon) => {
-                    request.shard_iterator_type(ShardIteratorType::TrimHorizon)
-                }
-                Position::Initial(InitialPosition::AtTimestamp(ms)) => request
-                    .shard_iterator_type(ShardIteratorType::AtTimestamp)
-                    .timestamp(aws_smithy_types::DateTime::from_millis(ms)),
-            };
-            request
-                .send()
-                .await
-                .map(|out| out.shard_iterator().map(str::to_string))
-                .map_err(|e| describe(&e))
-        });
+        let call = self
+            .integration
+            .reader
+            .iterator(self.stream(), &self.shard_id, &position);
         ctx.spawn(
-            async move {
-                task.await
-                    .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
-            }
-            .into_actor(self)
-            .map(|result, consumer, ctx| consumer.positioned(result, ctx)),
+            call.into_actor(self)
+                .map(|result, consumer, ctx| consumer.positioned(result, ctx)),
         );
     }
 
@@ -254,36 +215,19 @@ impl ShardConsumer {
             return;
         };
         self.phase = Phase::Fetching;
-        self.next_call_at = now + CALL_INTERVAL;
+        self.next_call_at = now + self.integration.reader.call_interval();
         let room = self.integration.pipeline.max_in_flight_records - self.window.records();
         let limit = (self.integration.config.max_records as usize)
             .min(room)
             .max(1) as i32;
-        let client = self.integration.client.clone();
-        let task = self.integration.io.spawn(async move {
-            client
-                .get_records()
-                .shard_iterator(iterator)
-                .limit(limit)
-                .send()
-                .await
-                .map_err(|e| describe(&e))
-        });
+        let call = self.integration.reader.records(iterator, limit);
         ctx.spawn(
-            async move {
-                task.await
-                    .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
-            }
-            .into_actor(self)
-            .map(|result, consumer, ctx| consumer.fetched(result, ctx)),
+            call.into_actor(self)
+                .map(|result, consumer, ctx| consumer.fetched(result, ctx)),
         );
     }
 
-    fn fetched(
-        &mut self,
-        result: Result<aws_sdk_kinesis::operation::get_records::GetRecordsOutput, (String, String)>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn fetched(&mut self, result: Result<Fetched, ReadError>, ctx: &mut Context<Self>) {
         if self.phase == Phase::Stopped {
             return;
         }
@@ -292,11 +236,10 @@ impl ShardConsumer {
             Err((code, message)) => return self.fetch_failed(code, message, ctx),
         };
         self.backoff = Duration::ZERO;
-        let behind = output.millis_behind_latest();
-        let records = output.records();
-        let fetched = records.len();
+        let behind = output.millis_behind_latest;
+        let fetched = output.records.len();
 
-        if let Err(e) = self.accept(records, ctx) {
+        if let Err(e) = self.accept(output.records, ctx) {
             tracing::error!(
                 integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
                 error = %e, "shard stopped: the stream returned records out of order"
@@ -313,15 +256,15 @@ impl ShardConsumer {
 
         // Caught up: wait before the next call, longer while it stays so.
         if fetched == 0 && behind == Some(0) {
-            self.idle_wait = (self.idle_wait * 2).clamp(CALL_INTERVAL, MAX_IDLE_WAIT);
+            self.idle_wait = (self.idle_wait * 2).clamp(Duration::from_millis(200), MAX_IDLE_WAIT);
             self.next_call_at = self.next_call_at.max(Instant::now() + self.idle_wait);
         } else {
             self.idle_wait = Duration::ZERO;
         }
 
-        match output.next_shard_iterator() {
+        match output.next_iterator {
             Some(next) => {
-                self.iterator = Some(next.to_string());
+                self.iterator = Some(next);
                 self.phase = Phase::Idle;
                 self.poll(ctx);
             }
@@ -330,11 +273,7 @@ impl ShardConsumer {
     }
 
     /// Puts fetched records in the window and sends them to the converter.
-    fn accept(
-        &mut self,
-        records: &[aws_sdk_kinesis::types::Record],
-        ctx: &mut Context<Self>,
-    ) -> Result<(), String> {
+    fn accept(&mut self, records: Vec<RawRecord>, ctx: &mut Context<Self>) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
         }
@@ -342,30 +281,25 @@ impl ShardConsumer {
         let mut batch = Vec::with_capacity(records.len());
         let mut inputs = Vec::with_capacity(records.len());
         for record in records {
-            let payload = Bytes::copy_from_slice(record.data().as_ref());
             let index = self
                 .window
-                .push(record.sequence_number(), payload.len())
+                .push(&record.sequence_number, record.data.len())
                 .map_err(|e| e.to_string())?;
-            let arrival_ms = record
-                .approximate_arrival_timestamp()
-                .and_then(|t| t.to_millis().ok())
-                .unwrap_or_else(crate::msg::now_millis);
+            self.last_fetched = Some(record.sequence_number.clone());
             let source = Arc::new(SourceRecord {
                 integration: config.name.clone(),
                 stream: config.stream_name.clone(),
                 shard: self.shard_id.clone(),
-                sequence_number: record.sequence_number().to_string(),
-                partition_key: record.partition_key().unwrap_or_default().to_string(),
-                arrival_ms,
-                payload: payload.clone(),
+                sequence_number: record.sequence_number,
+                partition_key: record.partition_key,
+                arrival_ms: record.arrival_ms,
+                payload: record.data,
             });
             inputs.push(DecodeInput {
-                payload,
+                payload: source.payload.clone(),
                 metadata: decoder_metadata(&source),
             });
             batch.push((index, source));
-            self.last_fetched = Some(record.sequence_number().to_string());
         }
 
         let number = self.batches_sent;

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod consumer;
 pub mod producer;
+pub mod reader;
 pub mod window;
 
 use std::sync::{Arc, Mutex};
@@ -19,14 +20,13 @@ use crate::convert::{ConverterWorker, Script};
 use crate::status::StatusBoard;
 use crate::store::Store;
 use consumer::{describe, Drain, ShardConsumer};
+use reader::ShardReader;
 
 /// An integration's shared runtime parts.
 pub struct Integration {
     pub config: IntegrationConfig,
     pub pipeline: PipelineConfig,
-    pub client: Client,
-    /// The tokio runtime AWS calls run on.
-    pub io: tokio::runtime::Handle,
+    pub reader: Arc<dyn ShardReader>,
     pub decoder: Arc<Script>,
     pub js: Addr<ConverterWorker>,
     pub store: Store,
@@ -64,12 +64,10 @@ impl Consumers {
 /// Lists the stream's shards (retrying until the stream is reachable) and
 /// starts a consumer for each shard that is not finished.
 pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consumers: Consumers) {
-    let io = integration.io.clone();
-    io.spawn(async move {
+    actix::spawn(async move {
         let shards = list_until_found(&integration).await;
         let mut started = 0usize;
-        for shard in shards {
-            let id = shard.shard_id().to_string();
+        for id in shards {
             let checkpoint = {
                 let store = integration.store.clone();
                 let (app, stream, shard_id) = (
@@ -77,7 +75,7 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
                     integration.config.stream_name.clone(),
                     id.clone(),
                 );
-                tokio::task::spawn_blocking(move || store.checkpoint(&app, &stream, &shard_id))
+                actix_rt::task::spawn_blocking(move || store.checkpoint(&app, &stream, &shard_id))
                     .await
                     .ok()
                     .and_then(Result::ok)
@@ -88,7 +86,9 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
                 continue;
             }
             // Listed as starting before the actor runs, so /ready waits for it.
-            integration.status.update(&integration.config.name, &id, |_| {});
+            integration
+                .status
+                .update(&integration.config.name, &id, |_| {});
             let integration = integration.clone();
             let arbiter = &arbiters[started % arbiters.len()];
             started += 1;
@@ -97,15 +97,17 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
             });
             consumers.0.lock().expect("consumers lock").push(addr);
         }
-        integration.status.integration_pending(&integration.config.name, None);
+        integration
+            .status
+            .integration_pending(&integration.config.name, None);
     });
 }
 
-async fn list_until_found(integration: &Integration) -> Vec<Shard> {
+async fn list_until_found(integration: &Integration) -> Vec<String> {
     let config = &integration.config;
     let mut pause = Duration::from_secs(1);
     loop {
-        match list_shards(&integration.client, &config.stream_name).await {
+        match integration.reader.shards(&config.stream_name).await {
             Ok(shards) => {
                 tracing::info!(
                     integration = %config.name, stream = %config.stream_name, shards = shards.len(),

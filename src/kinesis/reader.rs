@@ -1,0 +1,175 @@
+//! How a shard consumer reads: the Kinesis API (`KinesisReader`), or any
+//! other source of shard records with the same contract (the benchmark's
+//! in-process generator).
+//!
+//! The consumer owns pacing, windows and checkpoints; a reader only lists
+//! shards, positions an iterator and returns the next records.
+
+use std::time::Duration;
+
+use aws_sdk_kinesis::types::ShardIteratorType;
+use aws_sdk_kinesis::Client;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use super::consumer::describe;
+use crate::config::InitialPosition;
+
+/// A failed call: the service's error code (e.g.
+/// `ProvisionedThroughputExceededException`) and its message.
+pub type ReadError = (String, String);
+
+/// Where a shard iterator starts.
+#[derive(Debug, Clone)]
+pub enum Position {
+    /// Right after this sequence number (a checkpoint, or the last record
+    /// fetched).
+    After(String),
+    Initial(InitialPosition),
+}
+
+/// One record as read from a shard.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub sequence_number: String,
+    pub partition_key: String,
+    /// ApproximateArrivalTimestamp, epoch milliseconds.
+    pub arrival_ms: i64,
+    pub data: Bytes,
+}
+
+/// One GetRecords answer.
+#[derive(Debug)]
+pub struct Fetched {
+    pub records: Vec<RawRecord>,
+    /// `None` at SHARD_END.
+    pub next_iterator: Option<String>,
+    pub millis_behind_latest: Option<i64>,
+}
+
+pub trait ShardReader: Send + Sync + 'static {
+    /// The stream's shard ids.
+    fn shards(&self, stream: &str) -> BoxFuture<'static, Result<Vec<String>, ReadError>>;
+
+    /// A shard iterator at `position`; `None` when the shard has ended.
+    fn iterator(
+        &self,
+        stream: &str,
+        shard: &str,
+        position: &Position,
+    ) -> BoxFuture<'static, Result<Option<String>, ReadError>>;
+
+    /// Up to `limit` records from `iterator`.
+    fn records(
+        &self,
+        iterator: String,
+        limit: i32,
+    ) -> BoxFuture<'static, Result<Fetched, ReadError>>;
+
+    /// Least time between two `records` calls on one shard.
+    fn call_interval(&self) -> Duration;
+}
+
+/// Reads with the AWS SDK; calls run on the I/O runtime.
+pub struct KinesisReader {
+    pub client: Client,
+    pub io: tokio::runtime::Handle,
+}
+
+/// Kinesis allows five GetRecords calls per second per shard.
+const KINESIS_CALL_INTERVAL: Duration = Duration::from_millis(200);
+
+impl KinesisReader {
+    fn spawn<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ReadError>> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, ReadError>> {
+        let task = self.io.spawn(work);
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
+        })
+    }
+}
+
+impl ShardReader for KinesisReader {
+    fn shards(&self, stream: &str) -> BoxFuture<'static, Result<Vec<String>, ReadError>> {
+        let client = self.client.clone();
+        let stream = stream.to_string();
+        self.spawn(async move {
+            let shards = super::list_shards(&client, &stream).await?;
+            Ok(shards.iter().map(|s| s.shard_id().to_string()).collect())
+        })
+    }
+
+    fn iterator(
+        &self,
+        stream: &str,
+        shard: &str,
+        position: &Position,
+    ) -> BoxFuture<'static, Result<Option<String>, ReadError>> {
+        let request = self
+            .client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard);
+        let request = match position.clone() {
+            Position::After(sequence) => request
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(sequence),
+            Position::Initial(InitialPosition::Latest) => {
+                request.shard_iterator_type(ShardIteratorType::Latest)
+            }
+            Position::Initial(InitialPosition::TrimHorizon) => {
+                request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+            }
+            Position::Initial(InitialPosition::AtTimestamp(ms)) => request
+                .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                .timestamp(aws_smithy_types::DateTime::from_millis(ms)),
+        };
+        self.spawn(async move {
+            request
+                .send()
+                .await
+                .map(|out| out.shard_iterator().map(str::to_string))
+                .map_err(|e| describe(&e))
+        })
+    }
+
+    fn records(
+        &self,
+        iterator: String,
+        limit: i32,
+    ) -> BoxFuture<'static, Result<Fetched, ReadError>> {
+        let request = self
+            .client
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(limit);
+        self.spawn(async move {
+            let output = request.send().await.map_err(|e| describe(&e))?;
+            let records = output
+                .records()
+                .iter()
+                .map(|r| RawRecord {
+                    sequence_number: r.sequence_number().to_string(),
+                    partition_key: r.partition_key().unwrap_or_default().to_string(),
+                    arrival_ms: r
+                        .approximate_arrival_timestamp()
+                        .and_then(|t| t.to_millis().ok())
+                        .unwrap_or_else(crate::msg::now_millis),
+                    data: Bytes::copy_from_slice(r.data().as_ref()),
+                })
+                .collect();
+            Ok(Fetched {
+                records,
+                next_iterator: output.next_shard_iterator().map(str::to_string),
+                millis_behind_latest: output.millis_behind_latest(),
+            })
+        })
+    }
+
+    fn call_interval(&self) -> Duration {
+        KINESIS_CALL_INTERVAL
+    }
+}
