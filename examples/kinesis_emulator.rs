@@ -4,7 +4,10 @@
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(4567);
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(4567);
     let options = ferrokinesis::store::StoreOptions {
         create_stream_ms: 50,
         delete_stream_ms: 50,
@@ -14,7 +17,10 @@ async fn main() -> std::io::Result<()> {
     };
     let (app, _store) = ferrokinesis::create_app(options);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    println!("kinesis emulator listening on http://{}", listener.local_addr()?);
+    println!(
+        "kinesis emulator listening on http://{}",
+        listener.local_addr()?
+    );
     ferrokinesis::serve_plain_http(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
     })
