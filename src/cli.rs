@@ -40,6 +40,31 @@ pub enum Command {
         #[arg(long, short, default_value = "shardflow.toml")]
         config: PathBuf,
     },
+    /// Measure throughput, latency and memory on this machine (see
+    /// scripts/bench, which also starts a Kinesis emulator).
+    Bench {
+        /// Records for the pipeline and emulator runs.
+        #[arg(long, default_value_t = 200_000)]
+        records: usize,
+        /// Backlog of the 16-shard memory run.
+        #[arg(long, default_value_t = 1_000_000)]
+        backlog: usize,
+        /// A Kinesis emulator endpoint, for the runs through Kinesis.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-results/latest.json")]
+        out: PathBuf,
+        /// The Node.js binary to compare the converter with.
+        #[arg(long, default_value = "node")]
+        node: String,
+        /// Records of the light-load latency run.
+        #[arg(long, default_value_t = 1000)]
+        latency_records: usize,
+        /// Records per second of the light-load latency run.
+        #[arg(long, default_value_t = 50.0)]
+        latency_rate: f64,
+    },
 }
 
 /// Parses arguments, runs the command, and returns the process exit code.
@@ -49,6 +74,46 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Bench {
+            records,
+            backlog,
+            endpoint,
+            out,
+            node,
+            latency_records,
+            latency_rate,
+        } => bench(crate::bench::BenchOptions {
+            records,
+            backlog,
+            endpoint,
+            out,
+            node,
+            latency_records,
+            latency_rate,
+        }),
+    }
+}
+
+fn bench(options: crate::bench::BenchOptions) -> ExitCode {
+    let io = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(io) => io,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = io.handle().clone();
+    let result = actix::System::new().block_on(crate::bench::run(options, handle));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

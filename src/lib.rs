@@ -13,6 +13,7 @@
 //!   by everything.
 
 pub mod api;
+pub mod bench;
 pub mod chain;
 pub mod cli;
 pub mod config;

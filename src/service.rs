@@ -19,7 +19,7 @@ use crate::chain::{self, DownlinkTarget, RuleEngine, Services};
 use crate::config::{Config, IntegrationConfig};
 use crate::convert::js::JsLimits;
 use crate::convert::{ConverterWorker, Script, ScriptKind};
-use crate::kinesis::reader::KinesisReader;
+use crate::kinesis::reader::{KinesisReader, ShardReader};
 use crate::kinesis::{
     self, producer::DownlinkProducer, producer::ProducerSender, Consumers, Integration,
 };
@@ -136,6 +136,109 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     result
 }
 
+/// The running pipeline: converter pool, rule node actors, downlink
+/// producers and shard consumers.
+pub struct Pipeline {
+    pub engine: RuleEngine,
+    pub consumers: Consumers,
+    pub status: StatusBoard,
+    pub store: Store,
+    arbiters: Vec<ArbiterHandle>,
+}
+
+/// Makes the shard reader of an integration from its AWS client.
+pub type ReaderFactory =
+    dyn Fn(&IntegrationConfig, &aws_sdk_kinesis::Client) -> Arc<dyn ShardReader>;
+
+impl Pipeline {
+    /// Starts everything but the HTTP API. Must run inside an actix system.
+    pub async fn start(
+        config: &Config,
+        chain_def: &chain::ChainDef,
+        store: Store,
+        io: tokio::runtime::Handle,
+        reader: &ReaderFactory,
+    ) -> anyhow::Result<Pipeline> {
+        let arbiters: Vec<ArbiterHandle> = (0..Config::threads(config.pipeline.chain_threads))
+            .map(|_| Arbiter::new().handle())
+            .collect();
+        let js = ConverterWorker::start_pool(Config::threads(config.js.workers), js_limits(config));
+        let status = StatusBoard::default();
+
+        // AWS clients and downlink producers, one per integration.
+        let mut clients = HashMap::new();
+        let mut downlinks = HashMap::new();
+        for (n, integration) in config.integrations.iter().enumerate() {
+            let owned = integration.clone();
+            let client = io
+                .spawn(async move { kinesis::client::build(&owned).await })
+                .await?;
+            if let Some(path) = &integration.downlink_converter {
+                let encoder = Script::load(ScriptKind::Encoder, path)?;
+                let producer =
+                    DownlinkProducer::new(integration.name.clone(), client.clone(), io.clone());
+                let arbiter = &arbiters[n % arbiters.len()];
+                let addr = DownlinkProducer::start_in_arbiter(arbiter, move |_| producer);
+                downlinks.insert(
+                    integration.name.clone(),
+                    DownlinkTarget {
+                        integration: integration.name.clone(),
+                        encoder,
+                        sender: Arc::new(ProducerSender(addr)),
+                    },
+                );
+            }
+            clients.insert(integration.name.clone(), client);
+        }
+
+        let services = Services {
+            store: store.clone(),
+            js: js.clone(),
+            downlinks,
+        };
+        let engine = RuleEngine::start(chain_def, services, &arbiters);
+        tracing::info!(
+            chain = %engine.name(), file = %chain_def.file.display(),
+            nodes = chain_def.graph.node_count(), "rule chain loaded"
+        );
+
+        let consumers = Consumers::default();
+        for integration in &config.integrations {
+            let runtime = Arc::new(Integration {
+                config: integration.clone(),
+                pipeline: config.pipeline.clone(),
+                reader: reader(integration, &clients[&integration.name]),
+                decoder: Script::load(ScriptKind::Decoder, &integration.uplink_converter)?,
+                js: js.clone(),
+                store: store.clone(),
+                engine: engine.clone(),
+                status: status.clone(),
+            });
+            status.integration_pending(&integration.name, Some("listing shards".into()));
+            log_integration(integration);
+            kinesis::start(runtime, arbiters.clone(), consumers.clone());
+        }
+        Ok(Pipeline {
+            engine,
+            consumers,
+            status,
+            store,
+            arbiters,
+        })
+    }
+
+    /// Stops reading, waits for the records in flight, writes the last
+    /// checkpoints and stops the actors.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.consumers.drain(DRAIN_LIMIT).await;
+        self.store.flush().await?;
+        for arbiter in self.arbiters {
+            arbiter.stop();
+        }
+        Ok(())
+    }
+}
+
 async fn serve(
     config: Config,
     chain_def: chain::ChainDef,
@@ -144,74 +247,28 @@ async fn serve(
     listener: tokio::net::TcpListener,
     auth: Arc<Auth>,
 ) -> anyhow::Result<()> {
-    let arbiters: Vec<ArbiterHandle> = (0..Config::threads(config.pipeline.chain_threads))
-        .map(|_| Arbiter::new().handle())
-        .collect();
-    let js = ConverterWorker::start_pool(Config::threads(config.js.workers), js_limits(&config));
-    let status = StatusBoard::default();
-
-    // AWS clients and downlink producers, one per integration.
-    let mut clients = HashMap::new();
-    let mut downlinks = HashMap::new();
-    for (n, integration) in config.integrations.iter().enumerate() {
-        let owned = integration.clone();
-        let client = io
-            .spawn(async move { kinesis::client::build(&owned).await })
-            .await?;
-        if let Some(path) = &integration.downlink_converter {
-            let encoder = Script::load(ScriptKind::Encoder, path)?;
-            let producer =
-                DownlinkProducer::new(integration.name.clone(), client.clone(), io.clone());
-            let addr =
-                DownlinkProducer::start_in_arbiter(&arbiters[n % arbiters.len()], move |_| {
-                    producer
-                });
-            downlinks.insert(
-                integration.name.clone(),
-                DownlinkTarget {
-                    integration: integration.name.clone(),
-                    encoder,
-                    sender: Arc::new(ProducerSender(addr)),
-                },
-            );
-        }
-        clients.insert(integration.name.clone(), client);
-    }
-
-    let services = Services {
-        store: store.clone(),
-        js: js.clone(),
-        downlinks,
+    let reader_io = io.clone();
+    let kinesis_reader = move |_: &IntegrationConfig, client: &aws_sdk_kinesis::Client| {
+        Arc::new(KinesisReader {
+            client: client.clone(),
+            io: reader_io.clone(),
+        }) as Arc<dyn ShardReader>
     };
-    let engine = RuleEngine::start(&chain_def, services, &arbiters);
-    tracing::info!(chain = %engine.name(), file = %chain_def.file.display(), nodes = chain_def.graph.node_count(), "rule chain loaded");
-
-    let consumers = Consumers::default();
-    for integration in &config.integrations {
-        let runtime = Arc::new(Integration {
-            config: integration.clone(),
-            pipeline: config.pipeline.clone(),
-            reader: Arc::new(KinesisReader {
-                client: clients[&integration.name].clone(),
-                io: io.clone(),
-            }),
-            decoder: Script::load(ScriptKind::Decoder, &integration.uplink_converter)?,
-            js: js.clone(),
-            store: store.clone(),
-            engine: engine.clone(),
-            status: status.clone(),
-        });
-        status.integration_pending(&integration.name, Some("listing shards".into()));
-        log_integration(integration);
-        kinesis::start(runtime, arbiters.clone(), consumers.clone());
-    }
+    let pipeline = Pipeline::start(
+        &config,
+        &chain_def,
+        store.clone(),
+        io.clone(),
+        &kinesis_reader,
+    )
+    .await?;
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let router = api::router(ApiState {
-        store: store.clone(),
-        engine: engine.clone(),
+        store,
+        engine: pipeline.engine.clone(),
         auth,
-        status,
+        status: pipeline.status.clone(),
     });
     let address = listener.local_addr()?;
     io.spawn(async move {
@@ -228,12 +285,8 @@ async fn serve(
 
     io.spawn(stop_signal()).await?;
     tracing::info!("stopping: waiting for records in flight");
-    consumers.drain(DRAIN_LIMIT).await;
-    store.flush().await?;
+    pipeline.stop().await?;
     let _ = stop_api.send(());
-    for arbiter in arbiters {
-        arbiter.stop();
-    }
     tracing::info!("shardflow stopped");
     System::current().stop();
     Ok(())

@@ -1,7 +1,68 @@
 //! What each shard consumer is doing, for `/ready`, `/metrics` and logs.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A latency histogram with log-spaced buckets (10 % wide, from 10 µs to
+/// about 10 minutes), cheap to record from any thread.
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const FIRST_BUCKET_MICROS: f64 = 10.0;
+const GROWTH: f64 = 1.1;
+const BUCKETS: usize = 190;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn record(&self, value: Duration) {
+        let micros = value.as_micros() as f64;
+        let index = if micros <= FIRST_BUCKET_MICROS {
+            0
+        } else {
+            ((micros / FIRST_BUCKET_MICROS).ln() / GROWTH.ln()).ceil() as usize
+        };
+        self.buckets[index.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The value below which `q` (0..=1) of the recorded values fall, to
+    /// within a bucket's width; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (index, bucket) in self.buckets.iter().enumerate() {
+            seen += bucket.load(Ordering::Relaxed);
+            if seen >= rank {
+                let micros = FIRST_BUCKET_MICROS * GROWTH.powi(index as i32);
+                return Some(Duration::from_micros(micros as u64));
+            }
+        }
+        None
+    }
+
+    pub fn reset(&self) {
+        for bucket in &self.buckets {
+            bucket.store(0, Ordering::Relaxed);
+        }
+    }
+}
 
 /// A shard consumer's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +104,25 @@ impl Default for ShardStatus {
     }
 }
 
-/// Every shard's status, keyed by (integration, shard).
+/// Every shard's status, keyed by (integration, shard), and record
+/// latencies.
 #[derive(Clone, Default)]
 pub struct StatusBoard {
     shards: Arc<Mutex<BTreeMap<(String, String), ShardStatus>>>,
     integrations_pending: Arc<Mutex<BTreeMap<String, String>>>,
+    /// From hand-over to the pipeline until the record is done.
+    pub handover_latency: Arc<Histogram>,
+    /// From the record's ApproximateArrivalTimestamp until it is done.
+    pub arrival_latency: Arc<Histogram>,
+    /// Records done, all shards.
+    pub records_done: Arc<AtomicU64>,
+    /// Called with each record's sequence number when it is done (used by
+    /// the benchmark to time put-to-stored).
+    pub done_observer: Arc<std::sync::OnceLock<DoneObserver>>,
 }
+
+/// See [`StatusBoard::done_observer`].
+pub type DoneObserver = Box<dyn Fn(&str) + Send + Sync>;
 
 impl StatusBoard {
     pub fn update(&self, integration: &str, shard: &str, f: impl FnOnce(&mut ShardStatus)) {
@@ -99,5 +173,22 @@ impl StatusBoard {
         } else {
             Err(reasons)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_within_a_bucket() {
+        let h = Histogram::default();
+        for ms in 1..=100 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile(0.5).unwrap().as_secs_f64() * 1000.0;
+        let p99 = h.quantile(0.99).unwrap().as_secs_f64() * 1000.0;
+        assert!((45.0..=56.0).contains(&p50), "{p50}");
+        assert!((90.0..=110.0).contains(&p99), "{p99}");
     }
 }

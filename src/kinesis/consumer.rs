@@ -283,7 +283,11 @@ impl ShardConsumer {
         for record in records {
             let index = self
                 .window
-                .push(&record.sequence_number, record.data.len())
+                .push(
+                    &record.sequence_number,
+                    record.data.len(),
+                    record.arrival_ms,
+                )
                 .map_err(|e| e.to_string())?;
             self.last_fetched = Some(record.sequence_number.clone());
             let source = Arc::new(SourceRecord {
@@ -552,7 +556,22 @@ impl Handler<RecordDone> for ShardConsumer {
             self.stop(ShardState::Failed, Some("record processing crashed".into()));
             return;
         }
-        self.window.complete(done.index);
+        if let Some(observe) = self.integration.status.done_observer.get() {
+            if let Some(sequence_number) = self.window.sequence_number(done.index) {
+                observe(sequence_number);
+            }
+        }
+        if let Some(timing) = self.window.complete(done.index) {
+            let status = &self.integration.status;
+            status.handover_latency.record(timing.since_fetch);
+            let since_arrival = crate::msg::now_millis() - timing.arrival_ms;
+            status
+                .arrival_latency
+                .record(Duration::from_millis(since_arrival.max(0) as u64));
+            status
+                .records_done
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if self.phase == Phase::Blocked && !self.window_full() {
             self.poll(ctx);
         }

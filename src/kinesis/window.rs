@@ -6,6 +6,7 @@
 //! records and bytes is what bounds a shard's memory.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// A Kinesis sequence number: a decimal integer compared as a number,
 /// never as text. Real sequence numbers have 56 digits and more, beyond
@@ -50,6 +51,17 @@ struct Slot {
     sequence_number: String,
     bytes: usize,
     done: bool,
+    fetched_at: Instant,
+    arrival_ms: i64,
+}
+
+/// How long a completed record took.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// From hand-over to the pipeline until done.
+    pub since_fetch: Duration,
+    /// The record's ApproximateArrivalTimestamp, epoch milliseconds.
+    pub arrival_ms: i64,
 }
 
 /// See the module docs.
@@ -90,7 +102,12 @@ impl Window {
     }
 
     /// Adds a fetched record; returns its index for [`Window::complete`].
-    pub fn push(&mut self, sequence_number: &str, bytes: usize) -> Result<u64, WindowError> {
+    pub fn push(
+        &mut self,
+        sequence_number: &str,
+        bytes: usize,
+        arrival_ms: i64,
+    ) -> Result<u64, WindowError> {
         let parsed = SequenceNumber::parse(sequence_number)
             .ok_or_else(|| WindowError::BadSequenceNumber(sequence_number.to_string()))?;
         if let Some(previous) = &self.last_sequence {
@@ -106,26 +123,41 @@ impl Window {
             sequence_number: sequence_number.to_string(),
             bytes,
             done: false,
+            fetched_at: Instant::now(),
+            arrival_ms,
         });
         self.bytes += bytes;
         Ok(self.base + self.slots.len() as u64 - 1)
     }
 
     /// Marks a record done and advances the checkpoint over every done
-    /// record at the front.
-    pub fn complete(&mut self, index: u64) {
-        let Some(offset) = index.checked_sub(self.base) else {
-            return;
-        };
-        if let Some(slot) = self.slots.get_mut(offset as usize) {
-            slot.done = true;
+    /// record at the front. Returns how long the record took.
+    pub fn complete(&mut self, index: u64) -> Option<Timing> {
+        let offset = index.checked_sub(self.base)?;
+        let slot = self.slots.get_mut(offset as usize)?;
+        if slot.done {
+            return None;
         }
+        slot.done = true;
+        let timing = Timing {
+            since_fetch: slot.fetched_at.elapsed(),
+            arrival_ms: slot.arrival_ms,
+        };
         while self.slots.front().is_some_and(|s| s.done) {
             let slot = self.slots.pop_front().expect("front exists");
             self.bytes -= slot.bytes;
             self.base += 1;
             self.checkpoint = Some(slot.sequence_number);
         }
+        Some(timing)
+    }
+
+    /// The sequence number of a record still in the window.
+    pub fn sequence_number(&self, index: u64) -> Option<&str> {
+        let offset = index.checked_sub(self.base)?;
+        self.slots
+            .get(offset as usize)
+            .map(|s| s.sequence_number.as_str())
     }
 
     pub fn checkpoint(&self) -> Option<&str> {
@@ -152,9 +184,9 @@ mod tests {
     #[test]
     fn checkpoint_waits_for_every_earlier_record() {
         let mut w = Window::new();
-        let a = w.push("100", 10).unwrap();
-        let b = w.push("200", 10).unwrap();
-        let c = w.push("300", 10).unwrap();
+        let a = w.push("100", 10, 0).unwrap();
+        let b = w.push("200", 10, 0).unwrap();
+        let c = w.push("300", 10, 0).unwrap();
         w.complete(c);
         assert_eq!(w.checkpoint(), None);
         w.complete(a);
@@ -168,11 +200,11 @@ mod tests {
     #[test]
     fn sequence_numbers_compare_as_numbers_not_text() {
         let mut w = Window::new();
-        w.push("9", 1).unwrap();
+        w.push("9", 1, 0).unwrap();
         // As text "10" < "9"; as numbers it is later.
-        assert!(w.push("10", 1).is_ok());
+        assert!(w.push("10", 1, 0).is_ok());
         assert!(matches!(
-            w.push("10", 1),
+            w.push("10", 1, 0),
             Err(WindowError::OutOfOrder { .. })
         ));
         let long = "49599874927422395224927130964668873176443726009932447746";
