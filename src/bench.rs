@@ -52,6 +52,14 @@ pub struct BenchOptions {
     /// Light-load latency: records and rate.
     pub latency_records: usize,
     pub latency_rate: f64,
+    /// Which parts to run (1..=5); empty means all.
+    pub parts: Vec<u8>,
+}
+
+impl BenchOptions {
+    fn runs(&self, part: u8) -> bool {
+        self.parts.is_empty() || self.parts.contains(&part)
+    }
 }
 
 /// A walkthrough-shaped record of about `size` bytes.
@@ -76,6 +84,32 @@ struct GeneratedReader {
     shards: usize,
     per_shard: usize,
     size: usize,
+    /// Records per second per shard made available; `None`: all at once
+    /// (a backlog).
+    offered_per_shard: Option<f64>,
+    started: Instant,
+}
+
+impl GeneratedReader {
+    fn new(shards: usize, per_shard: usize, size: usize, offered_total: Option<f64>) -> Self {
+        GeneratedReader {
+            shards,
+            per_shard,
+            size,
+            offered_per_shard: offered_total.map(|r| r / shards as f64),
+            started: Instant::now(),
+        }
+    }
+
+    /// Records of one shard that exist by now.
+    fn available(&self) -> usize {
+        match self.offered_per_shard {
+            None => self.per_shard,
+            Some(rate) => {
+                ((self.started.elapsed().as_secs_f64() * rate) as usize).min(self.per_shard)
+            }
+        }
+    }
 }
 
 impl ShardReader for GeneratedReader {
@@ -108,7 +142,8 @@ impl ShardReader for GeneratedReader {
         let (shard, offset) = iterator.split_once(':').unwrap_or(("0", "0"));
         let shard: usize = shard.parse().unwrap_or(0);
         let offset: usize = offset.parse().unwrap_or(0);
-        let count = (limit as usize).min(self.per_shard.saturating_sub(offset));
+        let available = self.available();
+        let count = (limit as usize).min(available.saturating_sub(offset));
         let now = crate::msg::now_millis();
         let records = (offset..offset + count)
             .map(|n| RawRecord {
@@ -120,7 +155,7 @@ impl ShardReader for GeneratedReader {
             })
             .collect();
         let next = offset + count;
-        let behind = if next < self.per_shard { 1000 } else { 0 };
+        let behind = if next < available { 1000 } else { 0 };
         Box::pin(async move {
             Ok(Fetched {
                 records,
@@ -234,13 +269,21 @@ async fn generated_run(
     total: usize,
     size: usize,
 ) -> anyhow::Result<PipelineRun> {
+    generated_run_at(io, shards, total, size, None).await
+}
+
+/// A pipeline run fed by the in-process reader, as a backlog or at an
+/// offered rate (records per second, all shards).
+async fn generated_run_at(
+    io: &tokio::runtime::Handle,
+    shards: usize,
+    total: usize,
+    size: usize,
+    offered: Option<f64>,
+) -> anyhow::Result<PipelineRun> {
     let dir = tempfile::tempdir()?;
     let config = workspace(dir.path(), "generated", "http://127.0.0.1:9", 10_000)?;
-    let reader = Arc::new(GeneratedReader {
-        shards,
-        per_shard: total / shards,
-        size,
-    });
+    let reader = Arc::new(GeneratedReader::new(shards, total / shards, size, offered));
     run_pipeline(io, &config, Some(reader), total / shards * shards).await
 }
 
@@ -616,37 +659,61 @@ pub async fn run(options: BenchOptions, io: tokio::runtime::Handle) -> anyhow::R
     );
     results.insert("machine".into(), json!(host));
 
-    eprintln!(
-        "[1/5] pipeline, in-process source, {} records of ~150 B over 4 shards",
-        options.records
-    );
-    let small = generated_run(&io, 4, options.records, 150).await?;
-    table.push((
-        "pipeline 150 B, 4 shards".into(),
-        format!(
-            "{:.0} rec/s, p50 {:.1} ms, p99 {:.1} ms, peak RSS {:.0} MB",
-            small.rate(),
-            small.p50_ms,
-            small.p99_ms,
-            small.peak_rss_mb
-        ),
-    ));
-    results.insert("pipeline_150b".into(), small.json());
-    let kb_records = (options.records / 4).max(1000);
-    eprintln!("      and {kb_records} records of ~1 KB");
-    let large = generated_run(&io, 4, kb_records, 1024).await?;
-    table.push((
-        "pipeline 1 KB, 4 shards".into(),
-        format!(
-            "{:.0} rec/s, p50 {:.1} ms, p99 {:.1} ms",
-            large.rate(),
-            large.p50_ms,
-            large.p99_ms
-        ),
-    ));
-    results.insert("pipeline_1kb".into(), large.json());
+    // Part 1 also runs when part 2 needs its rate.
+    let mut small_rate = f64::INFINITY;
+    if options.runs(1) || options.runs(2) {
+        eprintln!(
+            "[1/5] pipeline, in-process source, {} records of ~150 B over 4 shards",
+            options.records
+        );
+        let small = generated_run(&io, 4, options.records, 150).await?;
+        table.push((
+            "pipeline 150 B, 4 shards".into(),
+            format!(
+                "{:.0} rec/s, p50 {:.1} ms, p99 {:.1} ms, peak RSS {:.0} MB",
+                small.rate(),
+                small.p50_ms,
+                small.p99_ms,
+                small.peak_rss_mb
+            ),
+        ));
+        results.insert("pipeline_150b".into(), small.json());
+        small_rate = small.rate();
 
-    if let Some(endpoint) = &options.endpoint {
+        // Latency at a rate the pipeline sustains: 50,000/s, or 90 % of
+        // the backlog rate when that is lower.
+        let offered = (0.9 * small.rate()).min(50_000.0);
+        eprintln!("      and latency at an offered {offered:.0} records/s");
+        let paced = generated_run_at(&io, 4, options.records, 150, Some(offered)).await?;
+        table.push((
+            format!("pipeline at {offered:.0} rec/s offered"),
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms (hand-over to commit)",
+                paced.p50_ms, paced.p99_ms
+            ),
+        ));
+        results.insert(
+            "pipeline_150b_paced".into(),
+            json!({"offered_per_s": offered, "run": paced.json()}),
+        );
+    }
+    if options.runs(1) {
+        let kb_records = (options.records / 4).max(1000);
+        eprintln!("      and {kb_records} records of ~1 KB");
+        let large = generated_run(&io, 4, kb_records, 1024).await?;
+        table.push((
+            "pipeline 1 KB, 4 shards".into(),
+            format!(
+                "{:.0} rec/s, p50 {:.1} ms, p99 {:.1} ms",
+                large.rate(),
+                large.p50_ms,
+                large.p99_ms
+            ),
+        ));
+        results.insert("pipeline_1kb".into(), large.json());
+    }
+
+    if let (Some(endpoint), true) = (&options.endpoint, options.runs(2)) {
         eprintln!(
             "[2/5] through the emulator at {endpoint}: {} records, 4 shards",
             options.records
@@ -659,7 +726,7 @@ pub async fn run(options: BenchOptions, io: tokio::runtime::Handle) -> anyhow::R
         let dir = tempfile::tempdir()?;
         let config = workspace(dir.path(), &stream, endpoint, 10_000)?;
         let drained = run_pipeline(&io, &config, None, options.records).await?;
-        let ratio = drained.rate() / plain.min(small.rate());
+        let ratio = drained.rate() / plain.min(small_rate);
         table.push(("plain GetRecords drain".into(), format!("{plain:.0} rec/s")));
         table.push((
             "shardflow drain (emulator)".into(),
@@ -677,75 +744,82 @@ pub async fn run(options: BenchOptions, io: tokio::runtime::Handle) -> anyhow::R
         eprintln!("[2/5] skipped: no --endpoint");
     }
 
-    eprintln!("[3/5] converter alone: shardflow (QuickJS) vs Node.js");
     let converter_records: Vec<Vec<u8>> = (0..options.records.min(100_000))
         .map(|i| record(i, 150))
         .collect();
-    let one = converter_rate(&converter_records, 1)?;
-    let node = node_rate(&options.node, &converter_records);
-    match &node {
-        Ok(node) => {
-            table.push((
-                "converter, QuickJS, 1 worker".into(),
-                format!("{one:.0} rec/s"),
-            ));
-            table.push((
-                "converter, Node.js".into(),
-                format!("{node:.0} rec/s, ratio {:.2}", one / node),
-            ));
-            results.insert(
-                "converter".into(),
-                json!({"shardflow_per_s": one, "node_per_s": node, "ratio": one / node}),
-            );
-        }
-        Err(e) => {
-            table.push((
-                "converter, QuickJS, 1 worker".into(),
-                format!("{one:.0} rec/s (Node.js: {e})"),
-            ));
-            results.insert(
-                "converter".into(),
-                json!({"shardflow_per_s": one, "node_error": e.to_string()}),
-            );
+    let one = if options.runs(3) || options.runs(4) {
+        converter_rate(&converter_records, 1)?
+    } else {
+        0.0
+    };
+    if options.runs(3) {
+        eprintln!("[3/5] converter alone: shardflow (QuickJS) vs Node.js");
+        let node = node_rate(&options.node, &converter_records);
+        match &node {
+            Ok(node) => {
+                table.push((
+                    "converter, QuickJS, 1 worker".into(),
+                    format!("{one:.0} rec/s"),
+                ));
+                table.push((
+                    "converter, Node.js".into(),
+                    format!("{node:.0} rec/s, ratio {:.2}", one / node),
+                ));
+                results.insert(
+                    "converter".into(),
+                    json!({"shardflow_per_s": one, "node_per_s": node, "ratio": one / node}),
+                );
+            }
+            Err(e) => {
+                table.push((
+                    "converter, QuickJS, 1 worker".into(),
+                    format!("{one:.0} rec/s (Node.js: {e})"),
+                ));
+                results.insert(
+                    "converter".into(),
+                    json!({"shardflow_per_s": one, "node_error": e.to_string()}),
+                );
+            }
         }
     }
 
-    eprintln!("[4/5] scaling");
-    let two = converter_rate(&converter_records, 2)?;
-    table.push((
-        "converter, 2 workers".into(),
-        format!("{two:.0} rec/s, {:.2}x one worker", two / one),
-    ));
-    let mut scaling = serde_json::Map::new();
-    scaling.insert("converter_2_workers_per_s".into(), json!(two));
-    scaling.insert("converter_speedup".into(), json!(two / one));
-    for shards in [1usize, 16] {
-        let run = generated_run(&io, shards, options.records, 150).await?;
+    if options.runs(4) {
+        eprintln!("[4/5] scaling");
+        let two = converter_rate(&converter_records, 2)?;
         table.push((
-            format!("pipeline, {shards} shard(s)"),
-            format!("{:.0} rec/s", run.rate()),
+            "converter, 2 workers".into(),
+            format!("{two:.0} rec/s, {:.2}x one worker", two / one),
         ));
-        scaling.insert(format!("pipeline_{shards}_shards"), run.json());
+        let mut scaling = serde_json::Map::new();
+        scaling.insert("converter_2_workers_per_s".into(), json!(two));
+        scaling.insert("converter_speedup".into(), json!(two / one));
+        for shards in [1usize, 16] {
+            let run = generated_run(&io, shards, options.records, 150).await?;
+            table.push((
+                format!("pipeline, {shards} shard(s)"),
+                format!("{:.0} rec/s", run.rate()),
+            ));
+            scaling.insert(format!("pipeline_{shards}_shards"), run.json());
+        }
+        eprintln!(
+            "      memory: 16 shards, backlog of {} records",
+            options.backlog
+        );
+        let backlog = generated_run(&io, 16, options.backlog, 150).await?;
+        table.push((
+            "16 shards, backlog".into(),
+            format!(
+                "{} records, {:.0} rec/s, peak RSS {:.0} MB",
+                backlog.records,
+                backlog.rate(),
+                backlog.peak_rss_mb
+            ),
+        ));
+        scaling.insert("backlog_16_shards".into(), backlog.json());
+        results.insert("scaling".into(), Value::Object(scaling));
     }
-    scaling.insert("pipeline_4_shards".into(), small.json());
-    eprintln!(
-        "      memory: 16 shards, backlog of {} records",
-        options.backlog
-    );
-    let backlog = generated_run(&io, 16, options.backlog, 150).await?;
-    table.push((
-        "16 shards, backlog".into(),
-        format!(
-            "{} records, {:.0} rec/s, peak RSS {:.0} MB",
-            backlog.records,
-            backlog.rate(),
-            backlog.peak_rss_mb
-        ),
-    ));
-    scaling.insert("backlog_16_shards".into(), backlog.json());
-    results.insert("scaling".into(), Value::Object(scaling));
 
-    if let Some(endpoint) = &options.endpoint {
+    if let (Some(endpoint), true) = (&options.endpoint, options.runs(5)) {
         eprintln!(
             "[5/5] light-load latency: {} records at {}/s",
             options.latency_records, options.latency_rate

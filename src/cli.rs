@@ -64,6 +64,9 @@ pub enum Command {
         /// Records per second of the light-load latency run.
         #[arg(long, default_value_t = 50.0)]
         latency_rate: f64,
+        /// Only these parts, e.g. `--parts 1,3` (default: all).
+        #[arg(long, value_delimiter = ',')]
+        parts: Vec<u8>,
     },
 }
 
@@ -82,6 +85,7 @@ pub fn main() -> ExitCode {
             node,
             latency_records,
             latency_rate,
+            parts,
         } => bench(crate::bench::BenchOptions {
             records,
             backlog,
@@ -90,6 +94,7 @@ pub fn main() -> ExitCode {
             node,
             latency_records,
             latency_rate,
+            parts,
         }),
     }
 }

@@ -47,7 +47,7 @@ async fn failed_records_become_dead_letters_and_consumption_goes_on() {
 
     let mut setup = Setup::walkthrough("bad");
     setup.uplink_converter = PICKY_CONVERTER.into();
-    setup.extra = "[js]\ncall_timeout_ms = 300\nmemory_limit_mb = 32\n".into();
+    setup.extra = "[js]\ncall_timeout_ms = 2000\nmemory_limit_mb = 16\n".into();
     let mut service = Service::start(&setup, &emulator).await;
 
     service.wait_device("good-2").await;

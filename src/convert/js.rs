@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use rquickjs::{Array, Context, Ctx, Function, Object, Persistent, Runtime, Value};
+use rquickjs::{qjs, Context, Ctx, Function, Object, Persistent, Runtime, Value};
 
 /// Limits applied to every script call.
 #[derive(Debug, Clone, Copy)]
@@ -243,8 +243,8 @@ impl JsRuntime {
 
 impl Engine {
     fn new(limits: JsLimits) -> Result<Self, JsError> {
-        let runtime = Runtime::new().map_err(|e| JsError::Compile(e.to_string()))?;
-        runtime.set_memory_limit(limits.memory_limit_bytes);
+        let heap = super::heap::LimitedHeap::new(limits.memory_limit_bytes);
+        let runtime = Runtime::new_with_alloc(heap).map_err(|e| JsError::Compile(e.to_string()))?;
         runtime.set_max_stack_size(512 * 1024);
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
         let watched = deadline.clone();
@@ -280,13 +280,7 @@ impl Engine {
 
 fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
     match arg {
-        JsArg::Bytes(bytes) => {
-            let array = Array::new(ctx.clone())?;
-            for (i, byte) in bytes.iter().enumerate() {
-                array.set(i, *byte as i32)?;
-            }
-            Ok(array.into_value())
-        }
+        JsArg::Bytes(bytes) => byte_array(ctx, bytes),
         JsArg::StringMap(map) => {
             let object = Object::new(ctx.clone())?;
             for (key, value) in map.iter() {
@@ -296,6 +290,27 @@ fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
         }
         JsArg::Json(text) => ctx.json_parse(*text),
         JsArg::Str(text) => rquickjs::String::from_str(ctx.clone(), text).map(|s| s.into_value()),
+    }
+}
+
+/// A real JS Array of numbers (0..255), built in one step: the values are
+/// small integers, which QuickJS stores inline, and `JS_NewArrayFrom`
+/// copies them into a new dense array.
+fn byte_array<'js>(ctx: &Ctx<'js>, bytes: &[u8]) -> rquickjs::Result<Value<'js>> {
+    let count = i32::try_from(bytes.len()).map_err(|_| rquickjs::Error::Allocation)?;
+    let values: Vec<qjs::JSValue> = bytes
+        .iter()
+        .map(|b| qjs::JS_MKVAL(qjs::JS_TAG_INT as i32, i32::from(*b)))
+        .collect();
+    // SAFETY: integer JSValues hold no reference, so copying them needs no
+    // reference counting; `JS_NewArrayFrom` returns a new array value that
+    // we own and hand to `Value::from_raw`, which frees it on drop.
+    unsafe {
+        let raw = qjs::JS_NewArrayFrom(ctx.as_raw().as_ptr(), count, values.as_ptr());
+        if qjs::JS_IsException(raw) {
+            return Err(rquickjs::Error::Exception);
+        }
+        Ok(Value::from_raw(ctx.clone(), raw))
     }
 }
 
@@ -379,8 +394,12 @@ mod tests {
     }
 
     #[test]
-    fn unbounded_allocation_is_stopped() {
-        let mut js = runtime();
+    fn unbounded_allocation_hits_the_memory_limit() {
+        let mut js = JsRuntime::new(JsLimits {
+            call_timeout: Duration::from_secs(60),
+            memory_limit_bytes: 16 << 20,
+        })
+        .unwrap();
         js.compile(
             "oom",
             "F",

@@ -7,6 +7,7 @@
 //! worker the first time it sees a script version and reused after that.
 
 pub mod downlink;
+mod heap;
 pub mod js;
 pub mod uplink;
 
