@@ -298,6 +298,8 @@ fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
 /// copies them into a new dense array.
 fn byte_array<'js>(ctx: &Ctx<'js>, bytes: &[u8]) -> rquickjs::Result<Value<'js>> {
     let count = i32::try_from(bytes.len()).map_err(|_| rquickjs::Error::Allocation)?;
+    // The tag constant's integer type differs between bindings targets.
+    #[allow(clippy::unnecessary_cast)]
     let values: Vec<qjs::JSValue> = bytes
         .iter()
         .map(|b| qjs::JS_MKVAL(qjs::JS_TAG_INT as i32, i32::from(*b)))
