@@ -94,8 +94,8 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            max_in_flight_records: 10_000,
-            max_in_flight_bytes: 32 * 1024 * 1024,
+            max_in_flight_records: 2_000,
+            max_in_flight_bytes: 8 * 1024 * 1024,
             checkpoint_interval_ms: 1000,
             chain_threads: 0,
         }

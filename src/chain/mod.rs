@@ -95,12 +95,28 @@ impl Handler<Envelope> for NodeActor {
         match self.kind.process(env, &self.services, &self.name) {
             NodeOutput::Now(outputs) => self.route(outputs),
             NodeOutput::Later(work) => {
-                ctx.spawn(
-                    work.into_actor(self)
-                        .map(|outputs, node, _| node.route(outputs)),
-                );
+                // A task of its own, not a future of the actor's context:
+                // actix polls every context future on each wake-up, which
+                // is quadratic with thousands of pending store commits.
+                let node = ctx.address();
+                actix_rt::spawn(async move {
+                    node.do_send(Finished(work.await));
+                });
             }
         }
+    }
+}
+
+/// The outputs of a node's asynchronous work, to be routed.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Finished(Vec<(String, Envelope)>);
+
+impl Handler<Finished> for NodeActor {
+    type Result = ();
+
+    fn handle(&mut self, Finished(outputs): Finished, _: &mut Context<Self>) {
+        self.route(outputs);
     }
 }
 

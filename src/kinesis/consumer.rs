@@ -27,6 +27,8 @@ use crate::delivery::{CompletionSink, SourceRecord, Ticket};
 use crate::status::ShardState;
 use crate::store::Write;
 
+/// Most records in one decode job.
+const DECODE_CHUNK: usize = 256;
 /// Longest wait between calls when caught up.
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(1000);
 /// Longest backoff after errors.
@@ -306,30 +308,45 @@ impl ShardConsumer {
             batch.push((index, source));
         }
 
+        // Small decode jobs spread a fetch over the converter workers and
+        // let the first records enter the chain before the last are decoded.
+        let mut inputs = inputs.into_iter();
+        let mut batch = batch.into_iter();
+        loop {
+            let records: Vec<_> = batch.by_ref().take(DECODE_CHUNK).collect();
+            if records.is_empty() {
+                break;
+            }
+            let job = Decode {
+                script: self.integration.decoder(),
+                records: inputs.by_ref().take(records.len()).collect(),
+            };
+            self.send_decode(job, records, ctx);
+        }
+        Ok(())
+    }
+
+    fn send_decode(
+        &mut self,
+        job: Decode,
+        records: Vec<(u64, Arc<SourceRecord>)>,
+        ctx: &mut Context<Self>,
+    ) {
         let number = self.batches_sent;
         self.batches_sent += 1;
-        let job = Decode {
-            script: self.integration.decoder(),
-            records: inputs,
-        };
         let pool = self.integration.js.clone();
         ctx.spawn(
             pool.send(job)
                 .into_actor(self)
                 .map(move |result, consumer, ctx| {
                     let results =
-                        result.unwrap_or_else(|_| vec![Err(ConvertError::PoolGone); batch.len()]);
-                    consumer.converted.insert(
-                        number,
-                        ConvertedBatch {
-                            records: batch,
-                            results,
-                        },
-                    );
+                        result.unwrap_or_else(|_| vec![Err(ConvertError::PoolGone); records.len()]);
+                    consumer
+                        .converted
+                        .insert(number, ConvertedBatch { records, results });
                     consumer.forward(ctx);
                 }),
         );
-        Ok(())
     }
 
     /// Sends converted batches to the chain, strictly in fetch order.

@@ -114,6 +114,19 @@ fn commit_with_retry(conn: &mut Connection, batch: &[Job]) -> Vec<Result<(), Sto
 }
 
 fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<Result<(), StoreError>>> {
+    // The common case: every job applies; one transaction, no savepoints.
+    let tx = conn.transaction()?;
+    match batch.iter().try_for_each(|job| apply_all(&tx, &job.writes)) {
+        Ok(()) => {
+            tx.commit()?;
+            return Ok(batch.iter().map(|_| Ok(())).collect());
+        }
+        Err(e) if is_transient(&e) => return Err(e),
+        Err(_) => tx.rollback()?,
+    }
+
+    // Some job's content failed: apply each job in a savepoint so that it
+    // fails alone and the rest commit.
     let tx = conn.transaction()?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
