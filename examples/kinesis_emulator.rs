@@ -22,7 +22,12 @@ async fn main() -> std::io::Result<()> {
         listener.local_addr()?
     );
     ferrokinesis::serve_plain_http(listener, app, async {
-        let _ = tokio::signal::ctrl_c().await;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     })
     .await
 }

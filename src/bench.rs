@@ -302,7 +302,7 @@ fn converter_rate(records: &[Vec<u8>], threads: usize) -> anyhow::Result<f64> {
             let barrier = barrier.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let mut js = JsRuntime::new(limits)?;
-                js.compile("uplink", "Decoder", "payload, metadata", UPLINK)?;
+                js.compile("uplink", "kinesis_converter.js", "Decoder", "payload, metadata", UPLINK)?;
                 let metadata: std::collections::BTreeMap<String, String> = [
                     ("integrationName", "bench"),
                     ("streamName", "bench"),

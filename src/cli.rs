@@ -145,7 +145,6 @@ fn run(path: PathBuf) -> ExitCode {
     match crate::service::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

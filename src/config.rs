@@ -234,7 +234,8 @@ impl Config {
         let mut problems = Vec::new();
         let table: toml::Table = match text.parse() {
             Ok(table) => table,
-            Err(e) => return Err(vec![format!("not valid TOML: {e}")]),
+            // The message only: the error's source excerpt may show a secret.
+            Err(e) => return Err(vec![toml_syntax_error(text, &e)]),
         };
 
         let known = [
@@ -265,6 +266,15 @@ impl Config {
         }
         if http.username.is_empty() || http.password.is_empty() {
             problems.push("[http] username and password must not be empty".into());
+        }
+        if http.token_ttl_secs < 60 {
+            problems.push(format!(
+                "[http] token_ttl_secs = {} is too short: tokens would expire before use (at least 60)",
+                http.token_ttl_secs
+            ));
+        }
+        if pipeline.checkpoint_interval_ms == 0 {
+            problems.push("[pipeline] checkpoint_interval_ms must be > 0".into());
         }
         if pipeline.max_in_flight_records == 0 || pipeline.max_in_flight_bytes == 0 {
             problems.push(
@@ -305,6 +315,16 @@ impl Config {
     }
 }
 
+fn toml_syntax_error(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("not valid TOML at line {line}: {}", error.message())
+        }
+        None => format!("not valid TOML: {}", error.message()),
+    }
+}
+
 fn string_field(
     table: &toml::Table,
     key: &str,
@@ -324,20 +344,58 @@ fn string_field(
     }
 }
 
+/// Keys whose values are never shown in errors.
+const SECRET_KEYS: &[&str] = &["password", "secret_access_key"];
+
+/// Checks each field of a table on its own, so that every bad field is
+/// reported, by name, instead of the first one only. `base` holds values
+/// for the required fields, so a lone field can be checked.
+fn field_problems<T: DeserializeOwned>(
+    table: &toml::Table,
+    base: &toml::Table,
+    label: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (key, value) in table {
+        let mut single = base.clone();
+        single.insert(key.clone(), value.clone());
+        if let Err(e) = toml::Value::Table(single).try_into::<T>() {
+            let message = if SECRET_KEYS.contains(&key.as_str()) {
+                "must be a string (value not shown: it is a secret)".to_string()
+            } else {
+                e.message().to_string()
+            };
+            problems.push(format!("{label} `{key}`: {message}"));
+        }
+    }
+    problems
+}
+
 fn section<T: DeserializeOwned + Default>(
     table: &toml::Table,
     key: &str,
     problems: &mut Vec<String>,
 ) -> T {
+    let label = format!("[{key}]");
     match table.get(key) {
         None => T::default(),
-        Some(value) => value
-            .clone()
-            .try_into()
-            .unwrap_or_else(|e: toml::de::Error| {
-                problems.push(format!("[{key}]: {}", e.message()));
-                T::default()
-            }),
+        Some(toml::Value::Table(section)) => {
+            let found = field_problems::<T>(section, &toml::Table::new(), &label);
+            if !found.is_empty() {
+                problems.extend(found);
+                return T::default();
+            }
+            toml::Value::Table(section.clone())
+                .try_into()
+                .unwrap_or_else(|e: toml::de::Error| {
+                    problems.push(format!("{label}: {}", e.message()));
+                    T::default()
+                })
+        }
+        Some(_) => {
+            problems.push(format!("{label} must be a table"));
+            T::default()
+        }
     }
 }
 
@@ -363,6 +421,26 @@ fn integrations(
             .and_then(|v| v.as_str())
             .map(|n| format!("[[integration]] #{} ({n})", index + 1))
             .unwrap_or_else(|| format!("[[integration]] #{}", index + 1));
+        let Some(table) = item.as_table() else {
+            problems.push(format!("{label} must be a table"));
+            continue;
+        };
+        let mut missing = false;
+        for required in ["name", "uplink_converter", "stream_name"] {
+            if !table.contains_key(required) {
+                problems.push(format!("{label}: `{required}` is missing"));
+                missing = true;
+            }
+        }
+        let required: toml::Table = ["name", "uplink_converter", "stream_name"]
+            .into_iter()
+            .map(|k| (k.to_string(), toml::Value::String("x".into())))
+            .collect();
+        let found = field_problems::<RawIntegration>(table, &required, &label);
+        if missing || !found.is_empty() {
+            problems.extend(found);
+            continue;
+        }
         let raw: RawIntegration = match item.try_into() {
             Ok(raw) => raw,
             Err(e) => {
@@ -392,6 +470,14 @@ fn integration(
     }
     if raw.stream_name.trim().is_empty() {
         problems.push(format!("{label}: `stream_name` must not be empty"));
+    }
+    if raw.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+        problems.push(format!("{label}: `region` must not be empty (leave it out for us-east-1)"));
+    }
+    if raw.initial_timestamp.is_some() && raw.initial_position.as_deref() != Some("AT_TIMESTAMP") {
+        problems.push(format!(
+            "{label}: `initial_timestamp` is only used with initial_position = \"AT_TIMESTAMP\""
+        ));
     }
 
     let initial_position = match (raw.initial_position.as_deref(), &raw.initial_timestamp) {
@@ -564,6 +650,41 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("EARLIEST")));
         assert!(problems.iter().any(|p| p.contains("max_records")));
         assert!(problems.iter().any(|p| p.contains("missing.js")));
+    }
+
+    #[test]
+    fn bad_fields_are_named_and_all_reported_and_secrets_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+            [http]
+            password = 123456789
+            [pipeline]
+            chain_threads = -1
+            checkpoint_intervl_ms = 5
+            [[integration]]
+            name = "a"
+            uplink_converter = "u.js"
+            stream_nam = "s"
+            max_records = "500"
+            secret_access_key = 42
+        "#;
+        let problems = Config::parse(text, dir.path()).unwrap_err();
+        let all = problems.join("\n");
+        assert!(!all.contains("123456789") && !all.contains("42"), "{all}");
+        assert!(all.contains("`password`"), "{all}");
+        assert!(all.contains("`chain_threads`"), "{all}");
+        assert!(all.contains("`checkpoint_intervl_ms`"), "{all}");
+        assert!(all.contains("`stream_name` is missing"), "{all}");
+        assert!(all.contains("`stream_nam`"), "{all}");
+        assert!(all.contains("`max_records`"), "{all}");
+        assert!(all.contains("`secret_access_key`"), "{all}");
+    }
+
+    #[test]
+    fn syntax_errors_do_not_echo_the_line() {
+        let problems = Config::parse("[http]\npassword = \"hunter2", Path::new(".")).unwrap_err();
+        assert!(!problems[0].contains("hunter2"), "{problems:?}");
+        assert!(problems[0].contains("line 2"), "{problems:?}");
     }
 
     #[test]

@@ -44,7 +44,13 @@ pub fn preflight(config: &Config) -> (Option<chain::ChainDef>, Vec<String>) {
     let chain = match chain::loader::load(&config.root_chain) {
         Ok(def) => Some(def),
         Err(e) => {
-            problems.push(e.to_string());
+            let file = e.file.display();
+            for problem in e.problems {
+                problems.push(match problem.node {
+                    Some(node) => format!("rule chain {file}: node {node}: {}", problem.reason),
+                    None => format!("rule chain {file}: {}", problem.reason),
+                });
+            }
             None
         }
     };

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use rquickjs::context::EvalOptions;
 use rquickjs::{qjs, Context, Ctx, Function, Object, Persistent, Runtime, Value};
 
 /// Limits applied to every script call.
@@ -142,18 +143,25 @@ impl JsRuntime {
     }
 
     /// Compiles `body` as the body of `function name(params) { body }` and
-    /// keeps it under `key`. Compiling a key again replaces it.
+    /// keeps it under `key`. Compiling a key again replaces it. `file`
+    /// names the script in errors; line numbers are those of `body`.
+    /// Scripts run in sloppy mode, as ThingsBoard runs them.
     pub fn compile(
         &mut self,
         key: &str,
+        file: &str,
         name: &str,
         params: &str,
         body: &str,
     ) -> Result<(), JsError> {
-        let source = format!("(function {name}({params}) {{\n{body}\n}})");
+        // The body starts on the wrapper's first line, so lines match.
+        let source = format!("(function {name}({params}) {{{body}\n}})");
         let function = self.engine.context.with(|ctx| {
+            let mut options = EvalOptions::default();
+            options.strict = false;
+            options.filename = Some(file.to_string());
             let function: Function = ctx
-                .eval(source)
+                .eval_with_options(source, options)
                 .map_err(|e| JsError::Compile(describe_error(&ctx, e)))?;
             Ok::<_, JsError>(Persistent::save(&ctx, function))
         })?;
@@ -358,9 +366,7 @@ mod tests {
     #[test]
     fn payload_is_a_real_array() {
         let mut js = runtime();
-        js.compile(
-            "t",
-            "Decoder",
+        js.compile("t", "test.js", "Decoder",
             "payload, metadata",
             "return [Array.isArray(payload), payload.map(function(b){return ('0'+b.toString(16)).slice(-2)}).join('')];",
         )
@@ -372,9 +378,7 @@ mod tests {
     #[test]
     fn from_char_code_apply_takes_payloads_over_64k() {
         let mut js = runtime();
-        js.compile(
-            "t",
-            "Decoder",
+        js.compile("t", "test.js", "Decoder",
             "payload",
             "return String.fromCharCode.apply(String, payload).length;",
         )
@@ -389,9 +393,9 @@ mod tests {
     #[test]
     fn infinite_loop_is_stopped_and_runtime_recovers() {
         let mut js = runtime();
-        js.compile("loop", "F", "", "while (true) {}").unwrap();
+        js.compile("loop", "test.js", "F", "", "while (true) {}").unwrap();
         assert!(matches!(js.call("loop", &[]), Err(JsError::Timeout(_))));
-        js.compile("ok", "F", "", "return 1 + 1;").unwrap();
+        js.compile("ok", "test.js", "F", "", "return 1 + 1;").unwrap();
         assert_eq!(js.call("ok", &[]).unwrap(), serde_json::json!(2));
     }
 
@@ -402,9 +406,7 @@ mod tests {
             memory_limit_bytes: 16 << 20,
         })
         .unwrap();
-        js.compile(
-            "oom",
-            "F",
+        js.compile("oom", "test.js", "F",
             "",
             "var a = []; while (true) a.push('xxxxxxxxxxxxxxxx' + a.length);",
         )
@@ -419,7 +421,7 @@ mod tests {
     #[test]
     fn thrown_errors_carry_their_message() {
         let mut js = runtime();
-        js.compile("t", "F", "", "throw new Error('bad payload');")
+        js.compile("t", "test.js", "F", "", "throw new Error('bad payload');")
             .unwrap();
         let err = js.call("t", &[]).unwrap_err().to_string();
         assert!(err.contains("bad payload"), "{err}");
@@ -428,11 +430,41 @@ mod tests {
     #[test]
     fn atob_and_btoa_round_trip() {
         let mut js = runtime();
-        js.compile("t", "F", "", "return [btoa('hello'), atob('aGVsbG8=')];")
+        js.compile("t", "test.js", "F", "", "return [btoa('hello'), atob('aGVsbG8=')];")
             .unwrap();
         assert_eq!(
             js.call("t", &[]).unwrap(),
             serde_json::json!(["aGVsbG8=", "hello"])
         );
+    }
+}
+
+#[cfg(test)]
+mod compatibility_tests {
+    use super::*;
+
+    fn runtime() -> JsRuntime {
+        JsRuntime::new(JsLimits {
+            call_timeout: Duration::from_secs(1),
+            memory_limit_bytes: 32 << 20,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn scripts_run_in_sloppy_mode_like_thingsboard() {
+        let mut js = runtime();
+        js.compile("t", "test.js", "F", "", "undeclared = 5; return undeclared;").unwrap();
+        assert_eq!(js.call("t", &[]).unwrap(), serde_json::json!(5));
+    }
+
+    #[test]
+    fn compile_errors_name_the_file_and_the_line_of_the_body() {
+        let mut js = runtime();
+        let err = js
+            .compile("t", "converters/up.js", "F", "", "var a = 1;\nvar b = 2;\nvar c = ;")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("converters/up.js:3"), "{err}");
     }
 }

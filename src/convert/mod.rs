@@ -79,7 +79,7 @@ impl Script {
     pub fn check(&self, limits: JsLimits) -> Result<(), JsError> {
         let mut runtime = JsRuntime::new(limits)?;
         let (name, params) = self.kind.signature();
-        runtime.compile("check", name, params, &self.body)
+        runtime.compile("check", &self.origin, name, params, &self.body)
     }
 }
 
@@ -164,7 +164,7 @@ impl ConverterWorker {
         let key = script.id.to_string();
         if !self.runtime.is_compiled(&key) {
             let (name, params) = script.kind.signature();
-            self.runtime.compile(&key, name, params, &script.body)?;
+            self.runtime.compile(&key, &script.origin, name, params, &script.body)?;
         }
         Ok(key)
     }

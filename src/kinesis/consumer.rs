@@ -662,16 +662,38 @@ fn decoder_metadata(source: &SourceRecord) -> BTreeMap<String, String> {
 }
 
 /// An SDK error as (code, message); the code is the service's error name
-/// when there is one.
+/// when there is one, and the message is one line.
 pub(crate) fn describe<E, R>(error: &aws_sdk_kinesis::error::SdkError<E, R>) -> (String, String)
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let code = error.code().unwrap_or("RequestFailed").to_string();
-    let message = error
-        .message()
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("{}", aws_sdk_kinesis::error::DisplayErrorContext(error)));
-    (code, message)
+    use aws_sdk_kinesis::error::SdkError;
+    if let Some(code) = error.code() {
+        let message = error.message().unwrap_or("no message").to_string();
+        return (code.to_string(), message);
+    }
+    let code = match error {
+        SdkError::DispatchFailure(_) => "ConnectionFailed",
+        SdkError::TimeoutError(_) => "Timeout",
+        SdkError::ResponseError(_) => "BadResponse",
+        SdkError::ConstructionFailure(_) => "BadRequest",
+        _ => "RequestFailed",
+    };
+    // The causes, outermost first, without Debug dumps.
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !causes.contains(&text) {
+            causes.push(text);
+        }
+        source = cause.source();
+    }
+    let message = if causes.is_empty() {
+        error.to_string()
+    } else {
+        causes.join(": ")
+    };
+    (code.to_string(), message)
 }
