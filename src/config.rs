@@ -84,6 +84,10 @@ pub struct PipelineConfig {
     pub max_in_flight_records: usize,
     /// Payload bytes a shard may have fetched but not yet done.
     pub max_in_flight_bytes: usize,
+    /// Records all shards together may have fetched but not yet done.
+    pub max_in_flight_records_total: usize,
+    /// Payload bytes all shards together may have in flight.
+    pub max_in_flight_bytes_total: usize,
     /// How often a shard's checkpoint is written, in milliseconds.
     pub checkpoint_interval_ms: u64,
     /// Rule-engine arbiters (threads) the node actors are spread over;
@@ -96,6 +100,8 @@ impl Default for PipelineConfig {
         PipelineConfig {
             max_in_flight_records: 2_000,
             max_in_flight_bytes: 8 * 1024 * 1024,
+            max_in_flight_records_total: 10_000,
+            max_in_flight_bytes_total: 64 * 1024 * 1024,
             checkpoint_interval_ms: 1000,
             chain_threads: 0,
         }
@@ -275,6 +281,12 @@ impl Config {
         }
         if pipeline.checkpoint_interval_ms == 0 {
             problems.push("[pipeline] checkpoint_interval_ms must be > 0".into());
+        }
+        if pipeline.max_in_flight_records_total == 0 || pipeline.max_in_flight_bytes_total == 0 {
+            problems.push(
+                "[pipeline] max_in_flight_records_total and max_in_flight_bytes_total must be > 0"
+                    .into(),
+            );
         }
         if pipeline.max_in_flight_records == 0 || pipeline.max_in_flight_bytes == 0 {
             problems.push(

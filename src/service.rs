@@ -209,6 +209,10 @@ impl Pipeline {
         );
 
         let consumers = Consumers::default();
+        let budget = Arc::new(kinesis::window::Budget::new(
+            config.pipeline.max_in_flight_records_total,
+            config.pipeline.max_in_flight_bytes_total,
+        ));
         for integration in &config.integrations {
             let runtime = Arc::new(Integration {
                 config: integration.clone(),
@@ -219,6 +223,7 @@ impl Pipeline {
                 store: store.clone(),
                 engine: engine.clone(),
                 status: status.clone(),
+                budget: budget.clone(),
             });
             status.integration_pending(&integration.name, Some("listing shards".into()));
             log_integration(integration);

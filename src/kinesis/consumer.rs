@@ -193,12 +193,26 @@ impl ShardConsumer {
             || self.window.bytes() >= pipeline.max_in_flight_bytes
     }
 
+    /// Records this shard may fetch now, within its window and the shared
+    /// budget.
+    fn room(&self) -> usize {
+        let own = self.integration.pipeline.max_in_flight_records - self.window.records();
+        own.min(self.integration.budget.room())
+    }
+
     fn poll(&mut self, ctx: &mut Context<Self>) {
         if self.phase != Phase::Idle && self.phase != Phase::Blocked {
             return;
         }
         if self.window_full() {
             self.phase = Phase::Blocked;
+            return;
+        }
+        if self.room() == 0 {
+            // The shared budget is full: other shards hold it, so no record
+            // of ours will wake us; look again shortly.
+            self.phase = Phase::Blocked;
+            ctx.run_later(Duration::from_millis(20), |consumer, ctx| consumer.poll(ctx));
             return;
         }
         self.phase = Phase::Idle;
@@ -218,7 +232,7 @@ impl ShardConsumer {
         };
         self.phase = Phase::Fetching;
         self.next_call_at = now + self.integration.reader.call_interval();
-        let room = self.integration.pipeline.max_in_flight_records - self.window.records();
+        let room = self.room();
         let limit = (self.integration.config.max_records as usize)
             .min(room)
             .max(1) as i32;
@@ -291,6 +305,7 @@ impl ShardConsumer {
                     record.arrival_ms,
                 )
                 .map_err(|e| e.to_string())?;
+            self.integration.budget.take(record.data.len());
             self.last_fetched = Some(record.sequence_number.clone());
             let source = Arc::new(SourceRecord {
                 integration: config.name.clone(),
@@ -579,6 +594,7 @@ impl Handler<RecordDone> for ShardConsumer {
             }
         }
         if let Some(timing) = self.window.complete(done.index) {
+            self.integration.budget.give_back(timing.bytes);
             let status = &self.integration.status;
             status.handover_latency.record(timing.since_fetch);
             let since_arrival = crate::msg::now_millis() - timing.arrival_ms;

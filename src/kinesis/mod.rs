@@ -32,6 +32,8 @@ pub struct Integration {
     pub store: Store,
     pub engine: RuleEngine,
     pub status: StatusBoard,
+    /// The in-flight bound shared by every shard of every integration.
+    pub budget: Arc<window::Budget>,
 }
 
 impl Integration {

@@ -6,6 +6,7 @@
 //! records and bytes is what bounds a shard's memory.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A Kinesis sequence number: a decimal integer compared as a number,
@@ -55,9 +56,50 @@ struct Slot {
     arrival_ms: i64,
 }
 
+/// The process-wide share of the in-flight bound: all shards together hold
+/// at most this many records and bytes, however many shards there are.
+#[derive(Debug)]
+pub struct Budget {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    max_records: usize,
+    max_bytes: usize,
+}
+
+impl Budget {
+    pub fn new(max_records: usize, max_bytes: usize) -> Budget {
+        Budget {
+            records: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_records,
+            max_bytes,
+        }
+    }
+
+    pub fn take(&self, bytes: usize) {
+        self.records.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn give_back(&self, bytes: usize) {
+        self.records.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Records that may still be fetched; 0 when full.
+    pub fn room(&self) -> usize {
+        if self.bytes.load(Ordering::Relaxed) >= self.max_bytes {
+            return 0;
+        }
+        self.max_records.saturating_sub(self.records.load(Ordering::Relaxed))
+    }
+}
+
 /// How long a completed record took.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
+    /// The record's payload size.
+    pub bytes: usize,
     /// From hand-over to the pipeline until done.
     pub since_fetch: Duration,
     /// The record's ApproximateArrivalTimestamp, epoch milliseconds.
@@ -140,6 +182,7 @@ impl Window {
         }
         slot.done = true;
         let timing = Timing {
+            bytes: slot.bytes,
             since_fetch: slot.fetched_at.elapsed(),
             arrival_ms: slot.arrival_ms,
         };
