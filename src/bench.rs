@@ -120,6 +120,10 @@ impl ShardReader for GeneratedReader {
         Box::pin(async move { Ok(ids) })
     }
 
+    fn created_ms(&self, _: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {
+        Box::pin(async { Ok(None) })
+    }
+
     fn iterator(
         &self,
         _: &str,
@@ -292,6 +296,7 @@ fn converter_rate(records: &[Vec<u8>], threads: usize) -> anyhow::Result<f64> {
     let limits = JsLimits {
         call_timeout: Duration::from_secs(5),
         memory_limit_bytes: 256 << 20,
+        max_result_bytes: 16 << 20,
     };
     let chunk = records.len().div_ceil(threads);
     let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
@@ -302,7 +307,13 @@ fn converter_rate(records: &[Vec<u8>], threads: usize) -> anyhow::Result<f64> {
             let barrier = barrier.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let mut js = JsRuntime::new(limits)?;
-                js.compile("uplink", "kinesis_converter.js", "Decoder", "payload, metadata", UPLINK)?;
+                js.compile(
+                    "uplink",
+                    "kinesis_converter.js",
+                    "Decoder",
+                    "payload, metadata",
+                    UPLINK,
+                )?;
                 let metadata: std::collections::BTreeMap<String, String> = [
                     ("integrationName", "bench"),
                     ("streamName", "bench"),

@@ -119,6 +119,8 @@ pub struct JsConfig {
     pub call_timeout_ms: u64,
     /// Memory limit of one runtime, in MiB.
     pub memory_limit_mb: usize,
+    /// Largest converter or script result, as JSON text, in KiB.
+    pub max_result_kb: usize,
 }
 
 impl Default for JsConfig {
@@ -127,6 +129,7 @@ impl Default for JsConfig {
             workers: 0,
             call_timeout_ms: 1000,
             memory_limit_mb: 128,
+            max_result_kb: 16 * 1024,
         }
     }
 }
@@ -293,8 +296,14 @@ impl Config {
                 "[pipeline] max_in_flight_records and max_in_flight_bytes must be > 0".into(),
             );
         }
-        if js.call_timeout_ms == 0 || js.memory_limit_mb == 0 {
-            problems.push("[js] call_timeout_ms and memory_limit_mb must be > 0".into());
+        if js.call_timeout_ms == 0 || js.memory_limit_mb == 0 || js.max_result_kb == 0 {
+            problems
+                .push("[js] call_timeout_ms, memory_limit_mb and max_result_kb must be > 0".into());
+        }
+        if js.memory_limit_mb > 1 << 20 || js.max_result_kb > 1 << 30 {
+            problems.push(
+                "[js] memory_limit_mb (at most 1048576) or max_result_kb is too large".into(),
+            );
         }
 
         let integrations = integrations(&table, base, &mut problems);
@@ -484,7 +493,9 @@ fn integration(
         problems.push(format!("{label}: `stream_name` must not be empty"));
     }
     if raw.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
-        problems.push(format!("{label}: `region` must not be empty (leave it out for us-east-1)"));
+        problems.push(format!(
+            "{label}: `region` must not be empty (leave it out for us-east-1)"
+        ));
     }
     if raw.initial_timestamp.is_some() && raw.initial_position.as_deref() != Some("AT_TIMESTAMP") {
         problems.push(format!(

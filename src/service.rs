@@ -33,6 +33,7 @@ pub fn js_limits(config: &Config) -> JsLimits {
     JsLimits {
         call_timeout: Duration::from_millis(config.js.call_timeout_ms),
         memory_limit_bytes: config.js.memory_limit_mb << 20,
+        max_result_bytes: config.js.max_result_kb << 10,
     }
 }
 

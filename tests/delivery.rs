@@ -209,3 +209,61 @@ async fn sigterm_drains_and_restart_resumes_after_the_checkpoint() {
     let (_, body) = service.get("/api/tenant/devices?deviceName=dev-0").await;
     assert_eq!(body["name"], Value::from("dev-0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_and_created_again_is_read_from_its_start() {
+    let emulator = Emulator::start();
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "again", 1).await;
+    put_many(&kinesis, "again", &records(50, 5)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let setup = seq_setup("again");
+    let mut service = Service::start_in(dir.path(), &setup, &emulator).await;
+    wait_stored(&service, 50).await;
+    assert!(service.stop().success());
+
+    kinesis
+        .delete_stream()
+        .stream_name("again")
+        .send()
+        .await
+        .unwrap();
+    wait_for("stream deleted", Duration::from_secs(30), || async {
+        kinesis
+            .describe_stream_summary()
+            .stream_name("again")
+            .send()
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Creation times have whole-second resolution in some emulators.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    create_stream(&kinesis, "again", 1).await;
+    let fresh: Vec<(String, Vec<u8>)> = (50..60)
+        .map(|i| {
+            let body = json!({"dev": "dev-0", "ts": BASE_TS + i as i64, "seq": i});
+            ("dev-0".to_string(), body.to_string().into_bytes())
+        })
+        .collect();
+    put_many(&kinesis, "again", &fresh).await;
+
+    let service = Service::start_in(dir.path(), &setup, &emulator).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stored(&service).len() < 60 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all stored:\n{}",
+            service.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_exactly_once(&service, 60);
+    assert!(
+        service.log().contains("deleted and created again"),
+        "{}",
+        service.log()
+    );
+}

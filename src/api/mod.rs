@@ -71,6 +71,16 @@ impl ApiError {
         }
     }
 
+    fn unavailable() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the store is not writable right now (see the service log); the save may \
+                      be applied once it recovers"
+                .into(),
+            code: 2,
+        }
+    }
+
     fn internal(error: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %error, "API request failed");
         ApiError {
@@ -94,6 +104,9 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// Longest wait for a store commit in a request.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The router with every route.
 pub fn router(state: ApiState) -> Router {
@@ -335,9 +348,12 @@ async fn list_entities(
         .filter(|e| wanted_type.as_ref().is_none_or(|t| &e.profile == t))
         .collect();
     let total = all.len();
+    let skip = page
+        .checked_mul(page_size)
+        .ok_or_else(|| ApiError::bad_request("page is too large"))?;
     let data: Vec<Value> = all
         .iter()
-        .skip(page * page_size)
+        .skip(skip)
         .take(page_size)
         .map(entity_json)
         .collect();
@@ -345,7 +361,7 @@ async fn list_entities(
         "data": data,
         "totalPages": total.div_ceil(page_size),
         "totalElements": total,
-        "hasNext": (page + 1) * page_size < total,
+        "hasNext": skip.saturating_add(page_size) < total,
     })))
 }
 
@@ -561,19 +577,24 @@ async fn save_attributes(
     }
 
     let ts = msg::now_millis();
-    state
-        .store
-        .write(
-            vec![Write::Attributes {
-                entity: entity.id,
-                scope,
-                ts,
-                values,
-            }],
-            None,
-        )
-        .await
-        .map_err(ApiError::internal)?;
+    if !state.store.is_writable() {
+        return Err(ApiError::unavailable());
+    }
+    let write = state.store.write(
+        vec![Write::Attributes {
+            entity: entity.id,
+            scope,
+            ts,
+            values,
+        }],
+        None,
+    );
+    // The write stays queued if the store fails meanwhile, and is
+    // committed once it recovers; the caller is told it may not be.
+    match tokio::time::timeout(STORE_WAIT, write).await {
+        Ok(result) => result.map_err(ApiError::internal)?,
+        Err(_) => return Err(ApiError::unavailable()),
+    }
 
     let mut metadata = entity_metadata(&entity, "");
     metadata.insert("scope".into(), scope.as_str().into());
@@ -605,7 +626,16 @@ async fn health() -> Json<Value> {
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {
-    match state.status.readiness() {
+    let readiness = state.status.readiness().and_then(|()| {
+        if state.store.is_writable() {
+            Ok(())
+        } else {
+            Err(vec![
+                "store: commits are failing (disk full or I/O errors); see the log".into(),
+            ])
+        }
+    });
+    match readiness {
         Ok(()) => Json(json!({"status": "READY"})).into_response(),
         Err(reasons) => (
             StatusCode::SERVICE_UNAVAILABLE,

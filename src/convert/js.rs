@@ -21,6 +21,8 @@ use rquickjs::{qjs, Context, Ctx, Function, Object, Persistent, Runtime, Value};
 pub struct JsLimits {
     pub call_timeout: Duration,
     pub memory_limit_bytes: usize,
+    /// Largest result, as JSON text, a call may return.
+    pub max_result_bytes: usize,
 }
 
 /// Why a script call failed.
@@ -116,6 +118,35 @@ const PRELUDE: &str = r#"
     warn: function () { log(line(arguments)); },
     error: function () { log(line(arguments)); }
   };
+  // Lockdown. A runtime converts record after record; no script may change
+  // the built-ins the next record sees. Every standard global and
+  // everything reachable from it (constructors, prototypes, methods) is
+  // frozen, and the global bindings become read-only. Scripts may still
+  // create globals of their own.
+  var seen = [];
+  function freeze(value) {
+    if (value === null || (typeof value !== 'object' && typeof value !== 'function')) return;
+    if (seen.indexOf(value) >= 0) return;
+    seen.push(value);
+    var keys = Reflect.ownKeys(value);
+    for (var k = 0; k < keys.length; k++) {
+      var desc = Object.getOwnPropertyDescriptor(value, keys[k]);
+      if (desc && 'value' in desc) freeze(desc.value);
+      if (desc && desc.get) freeze(desc.get);
+      if (desc && desc.set) freeze(desc.set);
+    }
+    freeze(Object.getPrototypeOf(value));
+    Object.freeze(value);
+  }
+  var names = Object.getOwnPropertyNames(global);
+  for (var n = 0; n < names.length; n++) {
+    if (names[n] === 'globalThis') continue;
+    var desc = Object.getOwnPropertyDescriptor(global, names[n]);
+    if (!desc || !('value' in desc)) continue;
+    freeze(desc.value);
+    Object.defineProperty(global, names[n], { writable: false, configurable: false });
+  }
+  seen = null;
 })(globalThis);
 "#;
 
@@ -188,6 +219,7 @@ impl JsRuntime {
         self.engine
             .deadline
             .set(Some(Instant::now() + self.limits.call_timeout));
+        let max_result_bytes = self.limits.max_result_bytes;
         let result = self.engine.context.with(|ctx| {
             let function = function
                 .restore(&ctx)
@@ -215,6 +247,12 @@ impl JsRuntime {
                     let text = text
                         .to_string()
                         .map_err(|e| JsError::Result(e.to_string()))?;
+                    if text.len() > max_result_bytes {
+                        return Err(JsError::Result(format!(
+                            "the result is {} bytes of JSON, over the limit of {max_result_bytes}",
+                            text.len()
+                        )));
+                    }
                     serde_json::from_str(&text).map_err(|e| JsError::Result(e.to_string()))
                 }
             }
@@ -225,12 +263,12 @@ impl JsRuntime {
             .take()
             .is_some_and(|deadline| Instant::now() >= deadline);
         match result {
-            Err(JsError::Thrown(message)) if timed_out || message.contains("interrupted") => {
+            Err(JsError::Thrown(_)) if timed_out => {
                 self.rebuild();
                 Err(JsError::Timeout(self.limits.call_timeout))
             }
             Err(JsError::Thrown(message)) | Err(JsError::Result(message))
-                if message.contains("out of memory") || message == "null" =>
+                if message.starts_with("InternalError: out of memory") || message == "null" =>
             {
                 self.rebuild();
                 Err(JsError::OutOfMemory(self.limits.memory_limit_bytes >> 20))
@@ -359,6 +397,7 @@ mod tests {
         JsRuntime::new(JsLimits {
             call_timeout: Duration::from_millis(200),
             memory_limit_bytes: 32 << 20,
+            max_result_bytes: 1 << 20,
         })
         .unwrap()
     }
@@ -378,7 +417,10 @@ mod tests {
     #[test]
     fn from_char_code_apply_takes_payloads_over_64k() {
         let mut js = runtime();
-        js.compile("t", "test.js", "Decoder",
+        js.compile(
+            "t",
+            "test.js",
+            "Decoder",
             "payload",
             "return String.fromCharCode.apply(String, payload).length;",
         )
@@ -393,9 +435,11 @@ mod tests {
     #[test]
     fn infinite_loop_is_stopped_and_runtime_recovers() {
         let mut js = runtime();
-        js.compile("loop", "test.js", "F", "", "while (true) {}").unwrap();
+        js.compile("loop", "test.js", "F", "", "while (true) {}")
+            .unwrap();
         assert!(matches!(js.call("loop", &[]), Err(JsError::Timeout(_))));
-        js.compile("ok", "test.js", "F", "", "return 1 + 1;").unwrap();
+        js.compile("ok", "test.js", "F", "", "return 1 + 1;")
+            .unwrap();
         assert_eq!(js.call("ok", &[]).unwrap(), serde_json::json!(2));
     }
 
@@ -404,9 +448,13 @@ mod tests {
         let mut js = JsRuntime::new(JsLimits {
             call_timeout: Duration::from_secs(60),
             memory_limit_bytes: 16 << 20,
+            max_result_bytes: 1 << 20,
         })
         .unwrap();
-        js.compile("oom", "test.js", "F",
+        js.compile(
+            "oom",
+            "test.js",
+            "F",
             "",
             "var a = []; while (true) a.push('xxxxxxxxxxxxxxxx' + a.length);",
         )
@@ -430,8 +478,14 @@ mod tests {
     #[test]
     fn atob_and_btoa_round_trip() {
         let mut js = runtime();
-        js.compile("t", "test.js", "F", "", "return [btoa('hello'), atob('aGVsbG8=')];")
-            .unwrap();
+        js.compile(
+            "t",
+            "test.js",
+            "F",
+            "",
+            "return [btoa('hello'), atob('aGVsbG8=')];",
+        )
+        .unwrap();
         assert_eq!(
             js.call("t", &[]).unwrap(),
             serde_json::json!(["aGVsbG8=", "hello"])
@@ -447,14 +501,87 @@ mod compatibility_tests {
         JsRuntime::new(JsLimits {
             call_timeout: Duration::from_secs(1),
             memory_limit_bytes: 32 << 20,
+            max_result_bytes: 1 << 20,
         })
         .unwrap()
     }
 
     #[test]
+    fn a_script_cannot_change_built_ins_for_the_next_call() {
+        let mut js = runtime();
+        js.compile(
+            "poison",
+            "test.js",
+            "F",
+            "",
+            "JSON.parse = function () { return 'pwned'; };
+             Object.prototype.toJSON = function () { return 'pwned'; };
+             Array.prototype.map = null; String.fromCharCode = null; decodeToJson = null;
+             return 1;",
+        )
+        .unwrap();
+        js.compile(
+            "clean",
+            "test.js",
+            "F",
+            "payload",
+            "return [JSON.parse('{\"a\":1}'), [1].map(function (x) { return x + 1; }), decodeToJson(payload)];",
+        )
+        .unwrap();
+        let _ = js.call("poison", &[]);
+        let out = js.call("clean", &[JsArg::Bytes(b"{\"b\":2}")]).unwrap();
+        assert_eq!(out, serde_json::json!([{"a": 1}, [2], {"b": 2}]));
+    }
+
+    #[test]
+    fn scripts_may_still_use_their_own_globals() {
+        let mut js = runtime();
+        js.compile(
+            "t",
+            "test.js",
+            "F",
+            "",
+            "counter = (typeof counter === 'number' ? counter : 0) + 1; return counter;",
+        )
+        .unwrap();
+        assert_eq!(js.call("t", &[]).unwrap(), serde_json::json!(1));
+        assert_eq!(js.call("t", &[]).unwrap(), serde_json::json!(2));
+    }
+
+    #[test]
+    fn oversized_results_are_refused() {
+        let mut js = runtime();
+        js.compile(
+            "t",
+            "test.js",
+            "F",
+            "",
+            "var a = []; for (var i = 0; i < 200000; i++) a.push({v: i}); return a;",
+        )
+        .unwrap();
+        let err = js.call("t", &[]).unwrap_err().to_string();
+        assert!(err.contains("over the limit"), "{err}");
+    }
+
+    #[test]
+    fn an_error_mentioning_memory_is_not_taken_for_running_out() {
+        let mut js = runtime();
+        js.compile("t", "test.js", "F", "", "throw new Error('out of memory');")
+            .unwrap();
+        assert!(matches!(js.call("t", &[]), Err(JsError::Thrown(_))));
+    }
+
+    #[test]
     fn scripts_run_in_sloppy_mode_like_thingsboard() {
         let mut js = runtime();
-        js.compile("t", "test.js", "F", "", "undeclared = 5; return undeclared;").unwrap();
+        js.compile(
+            "t",
+            "test.js",
+            "F",
+            "",
+            "undeclared = 5; return undeclared;",
+        )
+        .unwrap();
         assert_eq!(js.call("t", &[]).unwrap(), serde_json::json!(5));
     }
 
@@ -462,7 +589,13 @@ mod compatibility_tests {
     fn compile_errors_name_the_file_and_the_line_of_the_body() {
         let mut js = runtime();
         let err = js
-            .compile("t", "converters/up.js", "F", "", "var a = 1;\nvar b = 2;\nvar c = ;")
+            .compile(
+                "t",
+                "converters/up.js",
+                "F",
+                "",
+                "var a = 1;\nvar b = 2;\nvar c = ;",
+            )
             .unwrap_err()
             .to_string();
         assert!(err.contains("converters/up.js:3"), "{err}");

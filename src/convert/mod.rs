@@ -164,7 +164,8 @@ impl ConverterWorker {
         let key = script.id.to_string();
         if !self.runtime.is_compiled(&key) {
             let (name, params) = script.kind.signature();
-            self.runtime.compile(&key, &script.origin, name, params, &script.body)?;
+            self.runtime
+                .compile(&key, &script.origin, name, params, &script.body)?;
         }
         Ok(key)
     }

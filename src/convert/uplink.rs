@@ -43,6 +43,12 @@ fn error(path: impl Into<String>, reason: impl Into<String>) -> UplinkError {
     }
 }
 
+/// Most devices and assets one record may update.
+pub const MAX_ENTITIES_PER_RECORD: usize = 10_000;
+
+/// Timestamps accepted: from the epoch to the end of year 9999, in ms.
+pub const MAX_TS: i64 = 253_402_300_799_999;
+
 /// Parses a `Decoder` result. Any invalid item rejects the whole record so
 /// that a record is either stored completely or kept as a dead letter.
 pub fn parse(output: Value) -> Result<Vec<Uplink>, UplinkError> {
@@ -50,6 +56,15 @@ pub fn parse(output: Value) -> Result<Vec<Uplink>, UplinkError> {
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(error("[]", "the array is empty: no device to update"));
+            }
+            if items.len() > MAX_ENTITIES_PER_RECORD {
+                return Err(error(
+                    "[]",
+                    format!(
+                        "{} devices in one record; at most {MAX_ENTITIES_PER_RECORD} are accepted",
+                        items.len()
+                    ),
+                ));
             }
             items
                 .into_iter()
@@ -145,7 +160,13 @@ fn parse_ts_entry(
     };
     if object.contains_key("ts") && object.contains_key("values") {
         let ts = parse_ts(object.remove("ts").unwrap_or(Value::Null))
-            .ok_or_else(|| error(format!("{path}.ts"), "expected a number of milliseconds"))?;
+            .filter(|ts| (0..=MAX_TS).contains(ts))
+            .ok_or_else(|| {
+                error(
+                    format!("{path}.ts"),
+                    "expected milliseconds since the epoch, up to the year 9999",
+                )
+            })?;
         return match object.remove("values") {
             Some(Value::Object(values)) => Ok((Some(ts), values)),
             other => Err(error(
@@ -162,7 +183,11 @@ fn parse_ts_entry(
 
 fn parse_ts(value: Value) -> Option<i64> {
     match value {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && f.abs() < 1e18)
+                .map(|f| f as i64)
+        }),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -224,6 +249,15 @@ mod tests {
         let err = parse(json!([{"deviceName": "a"}, {"telemetry": {"t": 1}}])).unwrap_err();
         assert_eq!(err.path, "[1]");
         assert!(err.reason.contains("deviceName"));
+    }
+
+    #[test]
+    fn absurd_timestamps_are_rejected() {
+        for ts in [json!(1e30), json!(-5), json!(253_402_300_800_000i64)] {
+            let out =
+                parse(json!({"deviceName": "d", "telemetry": {"ts": ts, "values": {"t": 1}}}));
+            assert!(out.is_err(), "{ts}");
+        }
     }
 
     #[test]

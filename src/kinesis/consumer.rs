@@ -76,14 +76,16 @@ struct ConvertedBatch {
 }
 
 impl ShardConsumer {
+    /// A consumer that starts after `checkpoint`, or else at `initial`.
     pub fn new(
         integration: Arc<Integration>,
         shard_id: String,
         checkpoint: Option<String>,
+        initial: crate::config::InitialPosition,
     ) -> Self {
         let start = match &checkpoint {
             Some(sequence) => Position::After(sequence.clone()),
-            None => Position::Initial(integration.config.initial_position),
+            None => Position::Initial(initial),
         };
         ShardConsumer {
             integration,
@@ -163,6 +165,22 @@ impl ShardConsumer {
                 ctx.notify(Poll);
             }
             Ok(None) => self.reached_shard_end(ctx),
+            Err((code, message))
+                if code == "InvalidArgumentException"
+                    && self.last_fetched.is_none()
+                    && matches!(self.start, Position::After(_)) =>
+            {
+                // The checkpoint's sequence number is not of this stream: it
+                // was deleted and created again under the same name. Read
+                // the new stream from its start rather than never.
+                tracing::warn!(
+                    integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                    checkpoint = ?self.start, error = %message,
+                    "the checkpoint does not belong to this stream (re-created?); reading the shard from TRIM_HORIZON"
+                );
+                self.start = Position::Initial(crate::config::InitialPosition::TrimHorizon);
+                self.position(ctx);
+            }
             Err((code, message)) => {
                 let wait = self.next_backoff(&code);
                 tracing::warn!(
@@ -212,7 +230,9 @@ impl ShardConsumer {
             // The shared budget is full: other shards hold it, so no record
             // of ours will wake us; look again shortly.
             self.phase = Phase::Blocked;
-            ctx.run_later(Duration::from_millis(20), |consumer, ctx| consumer.poll(ctx));
+            ctx.run_later(Duration::from_millis(20), |consumer, ctx| {
+                consumer.poll(ctx)
+            });
             return;
         }
         self.phase = Phase::Idle;

@@ -15,10 +15,10 @@ use aws_sdk_kinesis::types::Shard;
 use aws_sdk_kinesis::Client;
 
 use crate::chain::RuleEngine;
-use crate::config::{IntegrationConfig, PipelineConfig};
+use crate::config::{InitialPosition, IntegrationConfig, PipelineConfig};
 use crate::convert::{ConverterWorker, Script};
 use crate::status::StatusBoard;
-use crate::store::Store;
+use crate::store::{Store, Write};
 use consumer::{describe, Drain, ShardConsumer};
 use reader::ShardReader;
 
@@ -68,6 +68,10 @@ impl Consumers {
 pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consumers: Consumers) {
     actix::spawn(async move {
         let shards = list_until_found(&integration).await;
+        let initial = match check_stream_identity(&integration).await {
+            StreamIdentity::Recreated => InitialPosition::TrimHorizon,
+            StreamIdentity::Same => integration.config.initial_position,
+        };
         let mut started = 0usize;
         for id in shards {
             let checkpoint = {
@@ -95,7 +99,12 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
             let arbiter = &arbiters[started % arbiters.len()];
             started += 1;
             let addr = ShardConsumer::start_in_arbiter(arbiter, move |_| {
-                ShardConsumer::new(integration, id, checkpoint.and_then(|c| c.sequence_number))
+                ShardConsumer::new(
+                    integration,
+                    id,
+                    checkpoint.and_then(|c| c.sequence_number),
+                    initial,
+                )
             });
             consumers.0.lock().expect("consumers lock").push(addr);
         }
@@ -103,6 +112,61 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
             .status
             .integration_pending(&integration.config.name, None);
     });
+}
+
+enum StreamIdentity {
+    Same,
+    Recreated,
+}
+
+/// Compares the stream's creation time with the one its checkpoints were
+/// taken on. A stream deleted and created again keeps its name and ARN,
+/// but its sequence numbers start over: old checkpoints would skip its
+/// records (or be refused), so they are dropped and the new stream is read
+/// from TRIM_HORIZON.
+async fn check_stream_identity(integration: &Integration) -> StreamIdentity {
+    let config = &integration.config;
+    let created = match integration.reader.created_ms(&config.stream_name).await {
+        Ok(Some(created)) => created,
+        Ok(None) => return StreamIdentity::Same,
+        Err((code, message)) => {
+            tracing::warn!(integration = %config.name, stream = %config.stream_name,
+                error = %format!("{code}: {message}"),
+                "cannot tell when the stream was created; keeping its checkpoints");
+            return StreamIdentity::Same;
+        }
+    };
+    let store = integration.store.clone();
+    let (app, stream) = (config.application_name.clone(), config.stream_name.clone());
+    let known = actix_rt::task::spawn_blocking(move || store.stream_created_ms(&app, &stream))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let recreated = known.is_some_and(|known| known != created);
+    if recreated {
+        tracing::warn!(
+            integration = %config.name, stream = %config.stream_name,
+            checkpoints_from_ms = ?known, stream_created_ms = created,
+            "the stream was deleted and created again since the checkpoints were taken; they are dropped and the new stream is read from TRIM_HORIZON"
+        );
+    }
+    if known != Some(created) {
+        let write = Write::StreamIdentity {
+            application: config.application_name.clone(),
+            stream: config.stream_name.clone(),
+            created_ms: created,
+            forget_checkpoints: recreated,
+        };
+        if let Err(e) = integration.store.write(vec![write], None).await {
+            tracing::error!(integration = %config.name, error = %e, "stream identity not stored");
+        }
+    }
+    if recreated {
+        StreamIdentity::Recreated
+    } else {
+        StreamIdentity::Same
+    }
 }
 
 async fn list_until_found(integration: &Integration) -> Vec<String> {

@@ -51,6 +51,11 @@ pub trait ShardReader: Send + Sync + 'static {
     /// The stream's shard ids.
     fn shards(&self, stream: &str) -> BoxFuture<'static, Result<Vec<String>, ReadError>>;
 
+    /// When the stream was created (epoch ms), which tells a stream from
+    /// one deleted and created again under the same name; `None` if the
+    /// source has no such notion.
+    fn created_ms(&self, stream: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>>;
+
     /// A shard iterator at `position`; `None` when the shard has ended.
     fn iterator(
         &self,
@@ -99,6 +104,16 @@ impl ShardReader for KinesisReader {
         self.spawn(async move {
             let shards = super::list_shards(&client, &stream).await?;
             Ok(shards.iter().map(|s| s.shard_id().to_string()).collect())
+        })
+    }
+
+    fn created_ms(&self, stream: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {
+        let request = self.client.describe_stream_summary().stream_name(stream);
+        self.spawn(async move {
+            let output = request.send().await.map_err(|e| describe(&e))?;
+            Ok(output
+                .stream_description_summary()
+                .and_then(|d| d.stream_creation_timestamp().to_millis().ok()))
         })
     }
 

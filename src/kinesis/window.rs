@@ -91,7 +91,8 @@ impl Budget {
         if self.bytes.load(Ordering::Relaxed) >= self.max_bytes {
             return 0;
         }
-        self.max_records.saturating_sub(self.records.load(Ordering::Relaxed))
+        self.max_records
+            .saturating_sub(self.records.load(Ordering::Relaxed))
     }
 }
 

@@ -144,6 +144,7 @@ pub struct Store {
     reader: Arc<Mutex<Connection>>,
     entities: Arc<Mutex<HashMap<(EntityType, String), Entity>>>,
     path: PathBuf,
+    writable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Holds the data directory's lock for as long as it lives.
@@ -210,6 +211,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (application, stream, shard)
 );
+CREATE TABLE IF NOT EXISTS streams (
+    application TEXT NOT NULL, stream TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    PRIMARY KEY (application, stream)
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     created_ms INTEGER NOT NULL,
@@ -240,17 +245,24 @@ impl Store {
         write_conn.execute_batch(SCHEMA)?;
         let reader = open_connection(&path)?;
         let entities = load_entities(&reader)?;
-        let jobs = writer::spawn(write_conn);
+        let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let jobs = writer::spawn(write_conn, writable.clone());
         Ok(Store {
             jobs,
             reader: Arc::new(Mutex::new(reader)),
             entities: Arc::new(Mutex::new(entities)),
             path,
+            writable,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// False while commits fail (disk full, I/O errors); writes wait.
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues writes; the ticket is held until they are committed.
@@ -426,6 +438,23 @@ impl Store {
                         shard_end: row.get::<_, i64>(1)? != 0,
                     })
                 },
+            )
+            .optional()
+        })
+    }
+
+    /// The creation time of the stream the checkpoints of (application,
+    /// stream) were taken on.
+    pub fn stream_created_ms(
+        &self,
+        application: &str,
+        stream: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT created_ms FROM streams WHERE application = ?1 AND stream = ?2",
+                params![application, stream],
+                |row| row.get(0),
             )
             .optional()
         })

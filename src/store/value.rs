@@ -13,15 +13,15 @@ pub enum KvValue {
 }
 
 impl KvValue {
-    /// The kind ThingsBoard gives a JSON value; `None` for null, which is
-    /// not stored.
+    /// The kind ThingsBoard gives a JSON value; `None` for null and for
+    /// numbers beyond a double's range, which are not stored.
     pub fn from_json(value: &Value) -> Option<KvValue> {
         Some(match value {
             Value::Null => return None,
             Value::Bool(b) => KvValue::Bool(*b),
             Value::Number(n) => match n.as_i64() {
                 Some(i) => KvValue::Long(i),
-                None => KvValue::Double(n.as_f64().unwrap_or(f64::NAN)),
+                None => KvValue::Double(n.as_f64().filter(|f| f.is_finite())?),
             },
             Value::String(s) => KvValue::Str(s.clone()),
             Value::Array(_) | Value::Object(_) => KvValue::Json(value.to_string()),

@@ -6,6 +6,8 @@
 //! fails that job alone (it is applied inside a savepoint) and the rest of
 //! the batch commits.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode};
@@ -37,6 +39,15 @@ pub enum Write {
         sequence_number: Option<String>,
         shard_end: bool,
     },
+    /// Records which stream (by creation time) the checkpoints of
+    /// (application, stream) belong to; `forget_checkpoints` drops those of
+    /// an earlier stream of the same name.
+    StreamIdentity {
+        application: String,
+        stream: String,
+        created_ms: i64,
+        forget_checkpoints: bool,
+    },
     DeadLetter {
         integration: String,
         stream: String,
@@ -60,16 +71,16 @@ pub(super) struct Job {
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 2048;
 
-pub(super) fn spawn(conn: Connection) -> mpsc::UnboundedSender<Job> {
+pub(super) fn spawn(conn: Connection, writable: Arc<AtomicBool>) -> mpsc::UnboundedSender<Job> {
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(conn, rx))
+        .spawn(move || run(conn, rx, writable))
         .expect("the store writer thread can be started");
     tx
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, writable: Arc<AtomicBool>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -80,7 +91,7 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
 
-        let outcomes = commit_with_retry(&mut conn, &batch);
+        let outcomes = commit_with_retry(&mut conn, &batch, &writable);
 
         // Answers and ticket releases happen only after the commit.
         for (job, outcome) in batch.drain(..).zip(outcomes) {
@@ -94,12 +105,22 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>) {
 
 /// Commits a batch, retrying for as long as the failure is one a retry can
 /// cure. Returns each job's outcome.
-fn commit_with_retry(conn: &mut Connection, batch: &[Job]) -> Vec<Result<(), StoreError>> {
+fn commit_with_retry(
+    conn: &mut Connection,
+    batch: &[Job],
+    writable: &AtomicBool,
+) -> Vec<Result<(), StoreError>> {
     let mut pause = Duration::from_millis(100);
     loop {
         match commit(conn, batch) {
-            Ok(outcomes) => return outcomes,
+            Ok(outcomes) => {
+                if !writable.swap(true, Ordering::Relaxed) {
+                    tracing::info!("store writable again; consumption resumes");
+                }
+                return outcomes;
+            }
             Err(e) => {
+                writable.store(false, Ordering::Relaxed);
                 tracing::error!(
                     error = %e,
                     jobs = batch.len(),
@@ -292,6 +313,24 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 *shard_end as i64,
                 crate::msg::now_millis()
             ])?;
+        }
+        Write::StreamIdentity {
+            application,
+            stream,
+            created_ms,
+            forget_checkpoints,
+        } => {
+            if *forget_checkpoints {
+                conn.prepare_cached(
+                    "DELETE FROM checkpoints WHERE application = ?1 AND stream = ?2",
+                )?
+                .execute(params![application, stream])?;
+            }
+            conn.prepare_cached(
+                "INSERT INTO streams (application, stream, created_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (application, stream) DO UPDATE SET created_ms = excluded.created_ms",
+            )?
+            .execute(params![application, stream, created_ms])?;
         }
         Write::DeadLetter {
             integration,

@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::{failure, success, NodeOutput};
 use crate::chain::{Envelope, Services};
 use crate::msg::{now_millis, POST_ATTRIBUTES_REQUEST};
-use crate::store::{KvValue, Scope, Write};
+use crate::store::{Scope, Write};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,10 +31,7 @@ pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutpu
         return NodeOutput::Now(vec![failure(env, reason)]);
     }
     let values = match serde_json::from_str::<Value>(&env.msg.data) {
-        Ok(Value::Object(map)) => map
-            .iter()
-            .filter_map(|(k, v)| KvValue::from_json(v).map(|v| (k.clone(), v)))
-            .collect::<Vec<_>>(),
+        Ok(Value::Object(map)) => super::save_timeseries::stored_values(&map, &env),
         Ok(_) => return NodeOutput::Now(vec![failure(env, "attributes must be a JSON object")]),
         Err(e) => {
             let reason = format!("message data is not JSON: {e}");

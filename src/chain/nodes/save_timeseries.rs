@@ -53,6 +53,34 @@ pub fn process(_config: &Config, env: Envelope, services: &Services) -> NodeOutp
     }))
 }
 
+/// The values to store; null (also NaN and infinities, which JSON turns
+/// into null) and out-of-range numbers are skipped with a warning.
+pub fn stored_values(
+    values: &serde_json::Map<String, Value>,
+    env: &Envelope,
+) -> Vec<(String, KvValue)> {
+    let mut stored = Vec::with_capacity(values.len());
+    let mut skipped = Vec::new();
+    for (key, value) in values {
+        match KvValue::from_json(value) {
+            Some(value) => stored.push((key.clone(), value)),
+            None => skipped.push(key.as_str()),
+        }
+    }
+    if !skipped.is_empty() {
+        let source = env.ticket.source();
+        tracing::warn!(
+            originator = %env.msg.originator,
+            integration = %source.integration,
+            shard = %source.shard,
+            sequence_number = %source.sequence_number,
+            keys = %skipped.join(","),
+            "values that are null, NaN, infinite or out of range were not stored"
+        );
+    }
+    stored
+}
+
 fn telemetry_writes(env: &Envelope, default_ts: i64) -> Result<Vec<Write>, String> {
     let data: Value = serde_json::from_str(&env.msg.data)
         .map_err(|e| format!("message data is not JSON: {e}"))?;
@@ -72,10 +100,12 @@ fn telemetry_writes(env: &Envelope, default_ts: i64) -> Result<Vec<Write>, Strin
             }
             _ => (default_ts, std::mem::take(&mut object)),
         };
-        let values: Vec<(String, KvValue)> = values
-            .iter()
-            .filter_map(|(k, v)| KvValue::from_json(v).map(|v| (k.clone(), v)))
-            .collect();
+        if !(0..=crate::convert::uplink::MAX_TS).contains(&ts) {
+            return Err(format!(
+                "telemetry ts {ts} is not between the epoch and the year 9999"
+            ));
+        }
+        let values = stored_values(&values, env);
         if !values.is_empty() {
             writes.push(Write::Telemetry {
                 entity: env.msg.originator,
