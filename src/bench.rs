@@ -291,8 +291,18 @@ async fn generated_run_at(
     run_pipeline(io, &config, Some(reader), total / shards * shards).await
 }
 
-/// Converter throughput with `threads` workers, each with its own runtime.
+/// Converter throughput with `threads` workers: the best of three runs,
+/// since a shared virtual machine's speed varies from second to second.
 fn converter_rate(records: &[Vec<u8>], threads: usize) -> anyhow::Result<f64> {
+    let mut best: f64 = 0.0;
+    for _ in 0..3 {
+        best = best.max(converter_rate_once(records, threads)?);
+    }
+    Ok(best)
+}
+
+/// Converter throughput with `threads` workers, each with its own runtime.
+fn converter_rate_once(records: &[Vec<u8>], threads: usize) -> anyhow::Result<f64> {
     let limits = JsLimits {
         call_timeout: Duration::from_secs(5),
         memory_limit_bytes: 256 << 20,
@@ -372,10 +382,14 @@ function run() {
   return sink;
 }
 run();
-const t0 = process.hrtime.bigint();
-run();
-const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-console.log(JSON.stringify({rate: buffers.length / seconds}));
+let best = 0;
+for (let round = 0; round < 3; round++) {
+  const t0 = process.hrtime.bigint();
+  run();
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  best = Math.max(best, buffers.length / seconds);
+}
+console.log(JSON.stringify({rate: best}));
 "#;
 
 /// The same converter on the same records in Node.js, one core.

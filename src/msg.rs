@@ -172,7 +172,7 @@ impl TbMsg {
         ts: i64,
     ) -> Self {
         TbMsg {
-            id: Uuid::new_v4(),
+            id: message_id(),
             ts,
             msg_type: msg_type.to_string(),
             originator,
@@ -186,10 +186,17 @@ impl TbMsg {
     /// along several relations.
     pub fn copy(&self) -> Self {
         TbMsg {
-            id: Uuid::new_v4(),
+            id: message_id(),
             ..self.clone()
         }
     }
+}
+
+/// A random (version 4) message id from the thread's RNG: message ids need
+/// uniqueness, not secrecy, and a system call per message costs more than
+/// the rest of making the message.
+fn message_id() -> Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// Milliseconds since the Unix epoch, now.
