@@ -166,18 +166,13 @@ impl NodeActor {
             error = %error,
             "message failed with no Failure connection; kept as a dead letter"
         );
-        let write = Write::DeadLetter {
-            integration: source.integration.clone(),
-            stream: source.stream.clone(),
-            shard: source.shard.clone(),
-            sequence_number: source.sequence_number.clone(),
-            partition_key: source.partition_key.clone(),
-            payload: source.payload.to_vec(),
+        let write = Write::dead_letter(
+            source,
             error,
-            chain: Some(self.chain.to_string()),
-            node: Some(self.label.clone()),
-            message: serde_json::to_string(&env.msg).ok(),
-        };
+            Some(self.chain.to_string()),
+            Some(self.label.clone()),
+            serde_json::to_string(&env.msg).ok(),
+        );
         if let Err(e) = self.services.store.submit(vec![write], Some(env.ticket)) {
             tracing::error!(chain = %self.chain, error = %e, "dead letter not stored");
         }

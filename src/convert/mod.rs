@@ -194,18 +194,23 @@ impl Handler<Decode> for ConverterWorker {
     }
 }
 
+/// Message data as the JSON a script's `msg` is parsed from: the data
+/// itself when it is JSON, else the data as a JSON string.
+fn script_data(data: &str) -> String {
+    if serde_json::from_str::<serde_json::Value>(data).is_ok() {
+        data.to_string()
+    } else {
+        serde_json::Value::String(data.to_string()).to_string()
+    }
+}
+
 impl Handler<Encode> for ConverterWorker {
     type Result = MessageResult<Encode>;
 
     fn handle(&mut self, job: Encode, _: &mut SyncContext<Self>) -> Self::Result {
         let result = (|| {
             let key = self.ensure_compiled(&job.script)?;
-            let data = if serde_json::from_str::<serde_json::Value>(&job.data).is_ok() {
-                job.data.clone()
-            } else {
-                // Non-JSON message data reaches the script as a string.
-                serde_json::Value::String(job.data.clone()).to_string()
-            };
+            let data = script_data(&job.data);
             let output = self.runtime.call(
                 &key,
                 &[
@@ -227,11 +232,7 @@ impl Handler<RunScript> for ConverterWorker {
     fn handle(&mut self, job: RunScript, _: &mut SyncContext<Self>) -> Self::Result {
         let result = (|| {
             let key = self.ensure_compiled(&job.script)?;
-            let data = if serde_json::from_str::<serde_json::Value>(&job.data).is_ok() {
-                job.data.clone()
-            } else {
-                serde_json::Value::String(job.data.clone()).to_string()
-            };
+            let data = script_data(&job.data);
             Ok(self.runtime.call(
                 &key,
                 &[

@@ -424,18 +424,7 @@ impl ShardConsumer {
         self.integration
             .status
             .update(self.name(), &self.shard_id, |s| s.records_failed += 1);
-        let write = Write::DeadLetter {
-            integration: source.integration.clone(),
-            stream: source.stream.clone(),
-            shard: source.shard.clone(),
-            sequence_number: source.sequence_number.clone(),
-            partition_key: source.partition_key.clone(),
-            payload: source.payload.to_vec(),
-            error,
-            chain: None,
-            node: None,
-            message: None,
-        };
+        let write = Write::dead_letter(source, error, None, None, None);
         if let Err(e) = self.integration.store.submit(vec![write], Some(ticket)) {
             tracing::error!(integration = %self.name(), shard = %self.shard_id, error = %e, "dead letter not stored");
         }

@@ -14,7 +14,7 @@ use rusqlite::{params, Connection, ErrorCode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Entity, KvValue, Scope, StoreError};
-use crate::delivery::Ticket;
+use crate::delivery::{SourceRecord, Ticket};
 use crate::msg::EntityId;
 
 /// One change to the store.
@@ -60,6 +60,30 @@ pub enum Write {
         node: Option<String>,
         message: Option<String>,
     },
+}
+
+impl Write {
+    /// A dead letter for a record (or a message made from it) that failed.
+    pub fn dead_letter(
+        source: &SourceRecord,
+        error: String,
+        chain: Option<String>,
+        node: Option<String>,
+        message: Option<String>,
+    ) -> Write {
+        Write::DeadLetter {
+            integration: source.integration.clone(),
+            stream: source.stream.clone(),
+            shard: source.shard.clone(),
+            sequence_number: source.sequence_number.clone(),
+            partition_key: source.partition_key.clone(),
+            payload: source.payload.to_vec(),
+            error,
+            chain,
+            node,
+            message,
+        }
+    }
 }
 
 pub(super) struct Job {
