@@ -28,7 +28,9 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, IntegrationConfig};
 use crate::convert::js::{JsArg, JsLimits, JsRuntime};
-use crate::kinesis::reader::{Fetched, KinesisReader, Position, RawRecord, ReadError, ShardReader};
+use crate::kinesis::reader::{
+    Fetched, KinesisReader, Position, RawRecord, ReadError, ShardInfo, ShardReader,
+};
 use crate::service::Pipeline;
 use crate::store::Store;
 
@@ -113,11 +115,14 @@ impl GeneratedReader {
 }
 
 impl ShardReader for GeneratedReader {
-    fn shards(&self, _: &str) -> BoxFuture<'static, Result<Vec<String>, ReadError>> {
-        let ids = (0..self.shards)
-            .map(|s| format!("shardId-{s:012}"))
+    fn shards(&self, _: &str) -> BoxFuture<'static, Result<Vec<ShardInfo>, ReadError>> {
+        let shards = (0..self.shards)
+            .map(|s| ShardInfo {
+                id: format!("shardId-{s:012}"),
+                parents: Vec::new(),
+            })
             .collect();
-        Box::pin(async move { Ok(ids) })
+        Box::pin(async move { Ok(shards) })
     }
 
     fn created_ms(&self, _: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {

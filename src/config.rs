@@ -90,6 +90,9 @@ pub struct PipelineConfig {
     pub max_in_flight_bytes_total: usize,
     /// How often a shard's checkpoint is written, in milliseconds.
     pub checkpoint_interval_ms: u64,
+    /// How often the stream's shards are listed again to find shards made
+    /// by a split or merge, in milliseconds.
+    pub shard_sync_interval_ms: u64,
     /// Rule-engine arbiters (threads) the node actors are spread over;
     /// 0 means one per core.
     pub chain_threads: usize,
@@ -103,6 +106,7 @@ impl Default for PipelineConfig {
             max_in_flight_records_total: 10_000,
             max_in_flight_bytes_total: 64 * 1024 * 1024,
             checkpoint_interval_ms: 1000,
+            shard_sync_interval_ms: 10_000,
             chain_threads: 0,
         }
     }
@@ -282,8 +286,11 @@ impl Config {
                 http.token_ttl_secs
             ));
         }
-        if pipeline.checkpoint_interval_ms == 0 {
-            problems.push("[pipeline] checkpoint_interval_ms must be > 0".into());
+        if pipeline.checkpoint_interval_ms == 0 || pipeline.shard_sync_interval_ms < 100 {
+            problems.push(
+                "[pipeline] checkpoint_interval_ms must be > 0 and shard_sync_interval_ms at least 100"
+                    .into(),
+            );
         }
         if pipeline.max_in_flight_records_total == 0 || pipeline.max_in_flight_bytes_total == 0 {
             problems.push(

@@ -225,6 +225,7 @@ impl Pipeline {
                 engine: engine.clone(),
                 status: status.clone(),
                 budget: budget.clone(),
+                shard_finished: Arc::default(),
             });
             status.integration_pending(&integration.name, Some("listing shards".into()));
             log_integration(integration);

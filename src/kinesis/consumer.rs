@@ -489,6 +489,7 @@ impl ShardConsumer {
                     Ok(()) => {
                         tracing::info!(integration = %consumer.name(), shard = %consumer.shard_id, "shard finished");
                         consumer.set_state(ShardState::Finished, None);
+                        consumer.integration.shard_finished.notify_one();
                         consumer.phase = Phase::Stopped;
                         for waiter in consumer.drain_waiters.drain(..) {
                             let _ = waiter.send(());

@@ -7,6 +7,7 @@ pub mod producer;
 pub mod reader;
 pub mod window;
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use crate::convert::{ConverterWorker, Script};
 use crate::status::StatusBoard;
 use crate::store::{Store, Write};
 use consumer::{describe, Drain, ShardConsumer};
-use reader::ShardReader;
+use reader::{ShardInfo, ShardReader};
 
 /// An integration's shared runtime parts.
 pub struct Integration {
@@ -34,6 +35,9 @@ pub struct Integration {
     pub status: StatusBoard,
     /// The in-flight bound shared by every shard of every integration.
     pub budget: Arc<window::Budget>,
+    /// Woken when one of the integration's shards is finished, so that its
+    /// children start without waiting for the next listing.
+    pub shard_finished: Arc<tokio::sync::Notify>,
 }
 
 impl Integration {
@@ -64,54 +68,130 @@ impl Consumers {
 }
 
 /// Lists the stream's shards (retrying until the stream is reachable) and
-/// starts a consumer for each shard that is not finished.
+/// keeps a consumer running for each shard that is not finished, listing
+/// them again periodically (and whenever a shard finishes) to pick up the
+/// shards a split or merge creates. A shard made by a split or merge is
+/// read only once its parents are read to SHARD_END and their records are
+/// done, from TRIM_HORIZON, so records of one partition key keep their
+/// order across a reshard. A parent that has expired from the stream (no
+/// longer listed) does not hold its children back.
 pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consumers: Consumers) {
     actix::spawn(async move {
-        let shards = list_until_found(&integration).await;
+        let mut shards = list_until_found(&integration).await;
         let initial = match check_stream_identity(&integration).await {
             StreamIdentity::Recreated => InitialPosition::TrimHorizon,
             StreamIdentity::Same => integration.config.initial_position,
         };
-        let mut started = 0usize;
-        for id in shards {
-            let checkpoint = {
-                let store = integration.store.clone();
-                let (app, stream, shard_id) = (
-                    integration.config.application_name.clone(),
-                    integration.config.stream_name.clone(),
-                    id.clone(),
-                );
-                actix_rt::task::spawn_blocking(move || store.checkpoint(&app, &stream, &shard_id))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten()
-            };
-            if checkpoint.as_ref().is_some_and(|c| c.shard_end) {
-                tracing::info!(integration = %integration.config.name, shard = %id, "shard already finished; skipped");
-                continue;
-            }
-            // Listed as starting before the actor runs, so /ready waits for it.
+        let mut supervisor = ShardSupervisor {
+            integration: integration.clone(),
+            arbiters,
+            consumers,
+            initial,
+            started: HashSet::new(),
+        };
+        let interval = Duration::from_millis(integration.pipeline.shard_sync_interval_ms);
+        loop {
+            supervisor.start_ready(&shards).await;
             integration
                 .status
-                .update(&integration.config.name, &id, |_| {});
-            let integration = integration.clone();
-            let arbiter = &arbiters[started % arbiters.len()];
-            started += 1;
-            let addr = ShardConsumer::start_in_arbiter(arbiter, move |_| {
-                ShardConsumer::new(
-                    integration,
-                    id,
-                    checkpoint.and_then(|c| c.sequence_number),
-                    initial,
-                )
-            });
-            consumers.0.lock().expect("consumers lock").push(addr);
+                .integration_pending(&integration.config.name, None);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = integration.shard_finished.notified() => {}
+            }
+            match integration
+                .reader
+                .shards(&integration.config.stream_name)
+                .await
+            {
+                Ok(listed) => shards = listed,
+                Err((code, message)) => tracing::warn!(
+                    integration = %integration.config.name, stream = %integration.config.stream_name,
+                    error = %format!("{code}: {message}"), "cannot list shards; trying again later"
+                ),
+            }
         }
-        integration
-            .status
-            .integration_pending(&integration.config.name, None);
     });
+}
+
+struct ShardSupervisor {
+    integration: Arc<Integration>,
+    arbiters: Vec<ArbiterHandle>,
+    consumers: Consumers,
+    initial: InitialPosition,
+    started: HashSet<String>,
+}
+
+impl ShardSupervisor {
+    async fn checkpoint(&self, shard: &str) -> Option<crate::store::Checkpoint> {
+        let store = self.integration.store.clone();
+        let config = &self.integration.config;
+        let (app, stream, shard) = (
+            config.application_name.clone(),
+            config.stream_name.clone(),
+            shard.to_string(),
+        );
+        actix_rt::task::spawn_blocking(move || store.checkpoint(&app, &stream, &shard))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+    }
+
+    /// Starts a consumer for every listed shard that is not started, not
+    /// finished, and whose parents are done.
+    async fn start_ready(&mut self, shards: &[ShardInfo]) {
+        let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+        for shard in shards {
+            if self.started.contains(&shard.id) {
+                continue;
+            }
+            let checkpoint = self.checkpoint(&shard.id).await;
+            if checkpoint.as_ref().is_some_and(|c| c.shard_end) {
+                tracing::debug!(integration = %self.integration.config.name, shard = %shard.id, "shard already finished");
+                self.started.insert(shard.id.clone());
+                continue;
+            }
+            let mut waiting_for = None;
+            for parent in &shard.parents {
+                let done = !listed.contains(parent.as_str())
+                    || self.checkpoint(parent).await.is_some_and(|c| c.shard_end);
+                if !done {
+                    waiting_for = Some(parent.clone());
+                    break;
+                }
+            }
+            if let Some(parent) = waiting_for {
+                tracing::debug!(integration = %self.integration.config.name, shard = %shard.id,
+                    parent = %parent, "shard waits for its parent to finish");
+                continue;
+            }
+            let initial = if shard.parents.is_empty() {
+                self.initial
+            } else {
+                InitialPosition::TrimHorizon
+            };
+            self.spawn(
+                shard.id.clone(),
+                checkpoint.and_then(|c| c.sequence_number),
+                initial,
+            );
+        }
+    }
+
+    fn spawn(&mut self, id: String, checkpoint: Option<String>, initial: InitialPosition) {
+        // Listed as starting before the actor runs, so /ready waits for it.
+        self.integration
+            .status
+            .update(&self.integration.config.name, &id, |_| {});
+        let integration = self.integration.clone();
+        let arbiter = &self.arbiters[self.started.len() % self.arbiters.len()];
+        self.started.insert(id.clone());
+        let addr = ShardConsumer::start_in_arbiter(arbiter, move |_| {
+            ShardConsumer::new(integration, id, checkpoint, initial)
+        });
+        self.consumers.0.lock().expect("consumers lock").push(addr);
+    }
 }
 
 enum StreamIdentity {
@@ -169,7 +249,7 @@ async fn check_stream_identity(integration: &Integration) -> StreamIdentity {
     }
 }
 
-async fn list_until_found(integration: &Integration) -> Vec<String> {
+async fn list_until_found(integration: &Integration) -> Vec<ShardInfo> {
     let config = &integration.config;
     let mut pause = Duration::from_secs(1);
     loop {

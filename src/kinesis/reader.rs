@@ -28,6 +28,14 @@ pub enum Position {
     Initial(InitialPosition),
 }
 
+/// A shard as listed, with the shards it was split or merged from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub id: String,
+    /// ParentShardId and AdjacentParentShardId, when present.
+    pub parents: Vec<String>,
+}
+
 /// One record as read from a shard.
 #[derive(Debug, Clone)]
 pub struct RawRecord {
@@ -48,8 +56,8 @@ pub struct Fetched {
 }
 
 pub trait ShardReader: Send + Sync + 'static {
-    /// The stream's shard ids.
-    fn shards(&self, stream: &str) -> BoxFuture<'static, Result<Vec<String>, ReadError>>;
+    /// The stream's shards.
+    fn shards(&self, stream: &str) -> BoxFuture<'static, Result<Vec<ShardInfo>, ReadError>>;
 
     /// When the stream was created (epoch ms), which tells a stream from
     /// one deleted and created again under the same name; `None` if the
@@ -98,12 +106,23 @@ impl KinesisReader {
 }
 
 impl ShardReader for KinesisReader {
-    fn shards(&self, stream: &str) -> BoxFuture<'static, Result<Vec<String>, ReadError>> {
+    fn shards(&self, stream: &str) -> BoxFuture<'static, Result<Vec<ShardInfo>, ReadError>> {
         let client = self.client.clone();
         let stream = stream.to_string();
         self.spawn(async move {
             let shards = super::list_shards(&client, &stream).await?;
-            Ok(shards.iter().map(|s| s.shard_id().to_string()).collect())
+            Ok(shards
+                .iter()
+                .map(|s| ShardInfo {
+                    id: s.shard_id().to_string(),
+                    parents: s
+                        .parent_shard_id()
+                        .into_iter()
+                        .chain(s.adjacent_parent_shard_id())
+                        .map(str::to_string)
+                        .collect(),
+                })
+                .collect())
         })
     }
 

@@ -290,6 +290,7 @@ password = "tenant"
 
 [pipeline]
 checkpoint_interval_ms = 200
+shard_sync_interval_ms = 300
 
 [[integration]]
 name = "kinesis_integration"
