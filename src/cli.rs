@@ -142,6 +142,12 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if crate::config::readable_by_others(&path) {
+        tracing::warn!(
+            file = %path.display(),
+            "the config file is readable by other users and may hold secrets; chmod 600 it or use ${{VAR}} values"
+        );
+    }
     match crate::service::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -245,11 +245,14 @@ impl Config {
     /// Parses config text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
-        let table: toml::Table = match text.parse() {
+        let mut table: toml::Table = match text.parse() {
             Ok(table) => table,
             // The message only: the error's source excerpt may show a secret.
             Err(e) => return Err(vec![toml_syntax_error(text, &e)]),
         };
+        substitute_env(&mut table, "", &mut problems, &|name| {
+            std::env::var(name).ok()
+        });
 
         let known = [
             "data_dir",
@@ -274,6 +277,16 @@ impl Config {
         if http.bind.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "[http] bind = {:?} is not an address like 127.0.0.1:8080",
+                http.bind
+            ));
+        }
+        let exposed = http
+            .bind
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback());
+        if exposed && http.password == HttpConfig::default().password {
+            problems.push(format!(
+                "[http] bind = {:?} is reachable from other hosts: set a password other than the default",
                 http.bind
             ));
         }
@@ -340,6 +353,77 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(2)
         }
+    }
+}
+
+/// Replaces `${NAME}` in every string value with the environment variable
+/// NAME, so secrets need not sit in the file. An unset variable is a
+/// problem that names it and the key (never the value).
+fn substitute_env(
+    table: &mut toml::Table,
+    path: &str,
+    problems: &mut Vec<String>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) {
+    for (key, value) in table.iter_mut() {
+        let here = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        substitute_value(value, &here, problems, lookup);
+    }
+}
+
+fn substitute_value(
+    value: &mut toml::Value,
+    path: &str,
+    problems: &mut Vec<String>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) {
+    match value {
+        toml::Value::String(text) if text.contains("${") => {
+            let mut out = String::new();
+            let mut rest = text.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let Some(end) = rest[start..].find('}') else {
+                    problems.push(format!("`{path}`: `${{` without a closing `}}`"));
+                    return;
+                };
+                let name = &rest[start + 2..start + end];
+                match lookup(name) {
+                    Some(found) => out.push_str(&found),
+                    None => problems.push(format!(
+                        "`{path}` uses the environment variable {name}, which is not set"
+                    )),
+                }
+                rest = &rest[start + end + 1..];
+            }
+            out.push_str(rest);
+            *text = out;
+        }
+        toml::Value::Table(table) => substitute_env(table, path, problems, lookup),
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute_value(item, &format!("{path}[{i}]"), problems, lookup);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether others than the owner may read the file (Unix permissions).
+pub fn readable_by_others(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
     }
 }
 
@@ -708,6 +792,36 @@ mod tests {
         assert!(all.contains("`stream_nam`"), "{all}");
         assert!(all.contains("`max_records`"), "{all}");
         assert!(all.contains("`secret_access_key`"), "{all}");
+    }
+
+    #[test]
+    fn environment_variables_fill_values_and_unset_ones_are_named() {
+        let mut table: toml::Table = r#"
+            [http]
+            password = "${SF_TEST_PASSWORD}"
+            [[integration]]
+            secret_access_key = "${SF_TEST_MISSING}"
+        "#
+        .parse()
+        .unwrap();
+        let mut problems = Vec::new();
+        let lookup = |name: &str| (name == "SF_TEST_PASSWORD").then(|| "s3cret".to_string());
+        substitute_env(&mut table, "", &mut problems, &lookup);
+        assert_eq!(table["http"]["password"].as_str(), Some("s3cret"));
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("SF_TEST_MISSING") && problems[0].contains("secret_access_key")
+        );
+    }
+
+    #[test]
+    fn the_default_password_is_refused_beyond_loopback() {
+        let problems =
+            Config::parse("[http]\nbind = \"0.0.0.0:8080\"", Path::new(".")).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("default")),
+            "{problems:?}"
+        );
     }
 
     #[test]
