@@ -28,6 +28,39 @@ pub enum LogFormat {
 }
 
 #[derive(Subcommand)]
+pub enum DlqAction {
+    /// List dead letters, oldest first.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Leave out those already replayed.
+        #[arg(long)]
+        unreplayed: bool,
+    },
+    /// Show one dead letter with its payload.
+    Show { id: i64 },
+    /// Replay dead letters through the running service's current converter
+    /// and chain (all not yet replayed, or those chosen).
+    Replay {
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+        /// Only those stored since this time: epoch ms or RFC 3339 UTC.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Delete dead letters: the ids given, those older than some days, or
+    /// all.
+    Purge {
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+        #[arg(long)]
+        older_than_days: Option<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum Command {
     /// Run the service until SIGINT or SIGTERM.
     Run {
@@ -39,6 +72,13 @@ pub enum Command {
     Check {
         #[arg(long, short, default_value = "shardflow.toml")]
         config: PathBuf,
+    },
+    /// Dead letters: records and messages that could not be processed.
+    Dlq {
+        #[arg(long, short, default_value = "shardflow.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: DlqAction,
     },
     /// Measure throughput, latency and memory on this machine (see
     /// scripts/bench, which also starts a Kinesis emulator).
@@ -77,6 +117,13 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Dlq { config, action } => match crate::dead_letters::run(&config, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench {
             records,
             backlog,

@@ -702,6 +702,14 @@ fn parse_timestamp(value: &toml::Value) -> Option<i64> {
     }
 }
 
+/// Epoch milliseconds from a number or an RFC 3339 UTC time.
+pub fn parse_time(text: &str) -> Option<i64> {
+    text.trim()
+        .parse()
+        .ok()
+        .or_else(|| parse_rfc3339(text.trim()))
+}
+
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only) into epoch milliseconds.
 fn parse_rfc3339(text: &str) -> Option<i64> {
     let text = text

@@ -147,6 +147,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// producers and shard consumers.
 pub struct Pipeline {
     pub engine: RuleEngine,
+    pub replayer: Arc<crate::replay::Replayer>,
     pub consumers: Consumers,
     pub status: StatusBoard,
     pub store: Store,
@@ -209,17 +210,20 @@ impl Pipeline {
             nodes = chain_def.graph.node_count(), "rule chain loaded"
         );
 
+        let mut decoders = HashMap::new();
         let consumers = Consumers::default();
         let budget = Arc::new(kinesis::window::Budget::new(
             config.pipeline.max_in_flight_records_total,
             config.pipeline.max_in_flight_bytes_total,
         ));
         for integration in &config.integrations {
+            let decoder = Script::load(ScriptKind::Decoder, &integration.uplink_converter)?;
+            decoders.insert(integration.name.clone(), decoder.clone());
             let runtime = Arc::new(Integration {
                 config: integration.clone(),
                 pipeline: config.pipeline.clone(),
                 reader: reader(integration, &clients[&integration.name]),
-                decoder: Script::load(ScriptKind::Decoder, &integration.uplink_converter)?,
+                decoder,
                 js: js.clone(),
                 store: store.clone(),
                 engine: engine.clone(),
@@ -231,8 +235,15 @@ impl Pipeline {
             log_integration(integration);
             kinesis::start(runtime, arbiters.clone(), consumers.clone());
         }
+        let replayer = Arc::new(crate::replay::Replayer::new(
+            store.clone(),
+            js.clone(),
+            engine.clone(),
+            decoders,
+        ));
         Ok(Pipeline {
             engine,
+            replayer,
             consumers,
             status,
             store,
@@ -282,6 +293,7 @@ async fn serve(
         engine: pipeline.engine.clone(),
         auth,
         status: pipeline.status.clone(),
+        replayer: pipeline.replayer.clone(),
     });
     let address = listener.local_addr()?;
     io.spawn(async move {

@@ -25,8 +25,9 @@ use crate::chain::RuleEngine;
 use crate::delivery::{SourceRecord, Ticket};
 use crate::ingest::{entity_json, entity_metadata};
 use crate::msg::{self, EntityId, EntityType, TbMsg};
+use crate::replay::Replayer;
 use crate::status::StatusBoard;
-use crate::store::{Entity, KvValue, Scope, Store, TsValue, Write};
+use crate::store::{DeadLetter, DeadLetterFilter, Entity, KvValue, Scope, Store, TsValue, Write};
 use auth::Auth;
 
 /// What the handlers share.
@@ -36,6 +37,7 @@ pub struct ApiState {
     pub engine: RuleEngine,
     pub auth: Arc<Auth>,
     pub status: StatusBoard,
+    pub replayer: Arc<Replayer>,
 }
 
 /// An API error in ThingsBoard's shape: `{status, message, errorCode}`.
@@ -144,6 +146,12 @@ pub fn router(state: ApiState) -> Router {
             "/api/plugins/telemetry/{device_id}/{scope}",
             post(save_device_attributes),
         )
+        .route("/api/shardflow/deadLetters", get(list_dead_letters))
+        .route(
+            "/api/shardflow/deadLetters/replay",
+            post(replay_dead_letters),
+        )
+        .route("/api/shardflow/deadLetters/{id}", get(dead_letter))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
 
     Router::new()
@@ -619,6 +627,107 @@ fn api_ticket(entity: EntityId) -> Ticket {
         arrival_ms: msg::now_millis(),
         payload: Default::default(),
     })
+}
+
+fn dead_letter_json(letter: &DeadLetter, with_payload: bool) -> Value {
+    use base64::Engine as _;
+    let mut value = serde_json::to_value(letter).unwrap_or(Value::Null);
+    if with_payload {
+        value["payloadBase64"] =
+            Value::String(base64::engine::general_purpose::STANDARD.encode(&letter.payload));
+    }
+    value["payloadBytes"] = json!(letter.payload.len());
+    value
+}
+
+async fn list_dead_letters(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Value>> {
+    let q = query(raw);
+    let limit = first(&q, "limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100usize)
+        .clamp(1, 10_000);
+    let unreplayed_only = first(&q, "unreplayed").is_some_and(|v| v == "true");
+    let store = state.store.clone();
+    let letters = blocking(move || {
+        let filter = DeadLetterFilter {
+            limit,
+            unreplayed_only,
+            ..Default::default()
+        };
+        store.dead_letters(&filter).map_err(ApiError::internal)
+    })
+    .await?;
+    Ok(Json(json!(letters
+        .iter()
+        .map(|l| dead_letter_json(l, false))
+        .collect::<Vec<_>>())))
+}
+
+async fn dead_letter(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a dead-letter id")))?;
+    let store = state.store.clone();
+    let letters = blocking(move || {
+        let filter = DeadLetterFilter {
+            ids: vec![id],
+            limit: 1,
+            ..Default::default()
+        };
+        store.dead_letters(&filter).map_err(ApiError::internal)
+    })
+    .await?;
+    letters
+        .first()
+        .map(|l| Json(dead_letter_json(l, true)))
+        .ok_or_else(|| ApiError::not_found(format!("dead letter {id} is not found")))
+}
+
+/// `{"ids": [..]}` and/or `{"since": epoch ms}`; an empty body replays all.
+async fn replay_dead_letters(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
+    let body = if body.is_empty() {
+        json!({})
+    } else {
+        json_body(&body)?
+    };
+    let ids = match body.get("ids") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| ApiError::bad_request("ids must be numbers"))
+            })
+            .collect::<ApiResult<Vec<i64>>>()?,
+        Some(_) => return Err(ApiError::bad_request("ids must be an array of numbers")),
+    };
+    let since_ms = match body.get("since") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .ok_or_else(|| ApiError::bad_request("since must be epoch milliseconds"))?,
+        ),
+    };
+    let filter = DeadLetterFilter {
+        ids,
+        since_ms,
+        unreplayed_only: true,
+        limit: 100_000,
+    };
+    let report = state
+        .replayer
+        .replay(filter)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        serde_json::to_value(report).map_err(ApiError::internal)?,
+    ))
 }
 
 async fn health() -> Json<Value> {

@@ -338,7 +338,7 @@ impl ShardConsumer {
             });
             inputs.push(DecodeInput {
                 payload: source.payload.clone(),
-                metadata: decoder_metadata(&source),
+                metadata: crate::ingest::decoder_metadata(&source),
             });
             batch.push((index, source));
         }
@@ -670,21 +670,6 @@ impl CompletionSink for ShardSink {
     fn complete(&self, index: u64, ok: bool) {
         self.0.do_send(RecordDone { index, ok });
     }
-}
-
-/// The metadata object ThingsBoard's Kinesis integration gives `Decoder`.
-fn decoder_metadata(source: &SourceRecord) -> BTreeMap<String, String> {
-    let mut metadata = BTreeMap::new();
-    metadata.insert("integrationName".into(), source.integration.clone());
-    metadata.insert("streamName".into(), source.stream.clone());
-    metadata.insert("shardId".into(), source.shard.clone());
-    metadata.insert("partitionKey".into(), source.partition_key.clone());
-    metadata.insert("sequenceNumber".into(), source.sequence_number.clone());
-    metadata.insert(
-        "approximateArrivalTimestamp".into(),
-        source.arrival_ms.to_string(),
-    );
-    metadata
 }
 
 /// An SDK error as (code, message); the code is the service's error name

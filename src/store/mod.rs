@@ -135,6 +135,22 @@ pub struct DeadLetter {
     pub node: Option<String>,
     /// The rule-engine message, as JSON, when the failure was in the chain.
     pub message: Option<String>,
+    /// When the record was replayed successfully, if it was.
+    pub replayed_ms: Option<i64>,
+    /// The record's ApproximateArrivalTimestamp.
+    pub arrival_ms: i64,
+}
+
+/// Which dead letters to read.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// Only these ids (all when empty).
+    pub ids: Vec<i64>,
+    /// Only those stored at or after this time (epoch ms).
+    pub since_ms: Option<i64>,
+    /// Leave out those already replayed.
+    pub unreplayed_only: bool,
+    pub limit: usize,
 }
 
 /// The store: a writer thread and a read connection over one file.
@@ -221,7 +237,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     integration TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL,
     sequence_number TEXT NOT NULL, partition_key TEXT NOT NULL,
     payload BLOB NOT NULL, error TEXT NOT NULL,
-    chain TEXT, node TEXT, message TEXT
+    chain TEXT, node TEXT, message TEXT,
+    replayed_ms INTEGER, arrival_ms INTEGER
 );
 ";
 
@@ -243,6 +260,9 @@ impl Store {
         let path = dir.join("shardflow.db");
         let write_conn = open_connection(&path)?;
         write_conn.execute_batch(SCHEMA)?;
+        // Databases made before dead letters could be replayed.
+        let _ = write_conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN replayed_ms INTEGER");
+        let _ = write_conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN arrival_ms INTEGER");
         let reader = open_connection(&path)?;
         let entities = load_entities(&reader)?;
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -460,29 +480,50 @@ impl Store {
         })
     }
 
-    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    pub fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        let ids = filter
+            .ids
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         self.read(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, created_ms, integration, stream, shard, sequence_number, partition_key,
-                        payload, error, chain, node, message
-                 FROM dead_letters ORDER BY id LIMIT ?1",
+                        payload, error, chain, node, message, replayed_ms,
+                        coalesce(arrival_ms, created_ms)
+                 FROM dead_letters
+                 WHERE (?1 = '' OR instr(',' || ?1 || ',', ',' || id || ',') > 0)
+                   AND (?2 IS NULL OR created_ms >= ?2)
+                   AND (?3 = 0 OR replayed_ms IS NULL)
+                 ORDER BY id LIMIT ?4",
             )?;
-            let rows = stmt.query_map(params![limit as i64], |row| {
-                Ok(DeadLetter {
-                    id: row.get(0)?,
-                    created_ms: row.get(1)?,
-                    integration: row.get(2)?,
-                    stream: row.get(3)?,
-                    shard: row.get(4)?,
-                    sequence_number: row.get(5)?,
-                    partition_key: row.get(6)?,
-                    payload: row.get(7)?,
-                    error: row.get(8)?,
-                    chain: row.get(9)?,
-                    node: row.get(10)?,
-                    message: row.get(11)?,
-                })
-            })?;
+            let rows = stmt.query_map(
+                params![
+                    ids,
+                    filter.since_ms,
+                    filter.unreplayed_only as i64,
+                    filter.limit as i64
+                ],
+                |row| {
+                    Ok(DeadLetter {
+                        id: row.get(0)?,
+                        created_ms: row.get(1)?,
+                        integration: row.get(2)?,
+                        stream: row.get(3)?,
+                        shard: row.get(4)?,
+                        sequence_number: row.get(5)?,
+                        partition_key: row.get(6)?,
+                        payload: row.get(7)?,
+                        error: row.get(8)?,
+                        chain: row.get(9)?,
+                        node: row.get(10)?,
+                        message: row.get(11)?,
+                        replayed_ms: row.get(12)?,
+                        arrival_ms: row.get(13)?,
+                    })
+                },
+            )?;
             rows.collect()
         })
     }

@@ -39,6 +39,16 @@ pub enum Write {
         sequence_number: Option<String>,
         shard_end: bool,
     },
+    /// Marks a dead letter as replayed.
+    DeadLetterReplayed {
+        id: i64,
+    },
+    /// Deletes dead letters: the ids given, or all stored before a time,
+    /// or all.
+    PurgeDeadLetters {
+        ids: Vec<i64>,
+        before_ms: Option<i64>,
+    },
     /// Records which stream (by creation time) the checkpoints of
     /// (application, stream) belong to; `forget_checkpoints` drops those of
     /// an earlier stream of the same name.
@@ -59,6 +69,7 @@ pub enum Write {
         chain: Option<String>,
         node: Option<String>,
         message: Option<String>,
+        arrival_ms: i64,
     },
 }
 
@@ -82,6 +93,7 @@ impl Write {
             chain,
             node,
             message,
+            arrival_ms: source.arrival_ms,
         }
     }
 }
@@ -338,6 +350,23 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 crate::msg::now_millis()
             ])?;
         }
+        Write::DeadLetterReplayed { id } => {
+            conn.prepare_cached("UPDATE dead_letters SET replayed_ms = ?2 WHERE id = ?1")?
+                .execute(params![id, crate::msg::now_millis()])?;
+        }
+        Write::PurgeDeadLetters { ids, before_ms } => {
+            if !ids.is_empty() {
+                let mut stmt = conn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?;
+                for id in ids {
+                    stmt.execute(params![id])?;
+                }
+            } else {
+                conn.prepare_cached(
+                    "DELETE FROM dead_letters WHERE ?1 IS NULL OR created_ms < ?1",
+                )?
+                .execute(params![before_ms])?;
+            }
+        }
         Write::StreamIdentity {
             application,
             stream,
@@ -367,11 +396,12 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             chain,
             node,
             message,
+            arrival_ms,
         } => {
             conn.prepare_cached(
                 "INSERT INTO dead_letters (created_ms, integration, stream, shard, sequence_number,
-                   partition_key, payload, error, chain, node, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                   partition_key, payload, error, chain, node, message, arrival_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
                 crate::msg::now_millis(),
@@ -384,7 +414,8 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 error,
                 chain,
                 node,
-                message
+                message,
+                arrival_ms
             ])?;
         }
     }

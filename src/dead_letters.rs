@@ -1,0 +1,234 @@
+//! `shardflow dlq`: list, show, purge and replay dead letters.
+//!
+//! Listing, showing and purging open the store directly (SQLite in WAL mode
+//! lets this run beside the service). Replaying needs the running service,
+//! whose current converters and chain do the work: the command asks its
+//! API, on the address and with the credentials of the config file.
+
+use std::io::{Read, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::cli::DlqAction;
+use crate::config::Config;
+use crate::store::{DeadLetter, DeadLetterFilter, Store, Write};
+
+pub fn run(config_path: &Path, action: DlqAction) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    match action {
+        DlqAction::List { limit, unreplayed } => list(&config, limit, unreplayed),
+        DlqAction::Show { id } => show(&config, id),
+        DlqAction::Purge {
+            ids,
+            older_than_days,
+            all,
+        } => purge(&config, ids, older_than_days, all),
+        DlqAction::Replay { ids, since } => replay(&config, ids, since),
+    }
+}
+
+fn open(config: &Config) -> anyhow::Result<Store> {
+    if !config.data_dir.join("shardflow.db").exists() {
+        bail!(
+            "no database in {}: has the service run yet?",
+            config.data_dir.display()
+        );
+    }
+    Ok(Store::open(&config.data_dir)?)
+}
+
+fn list(config: &Config, limit: usize, unreplayed_only: bool) -> anyhow::Result<()> {
+    let store = open(config)?;
+    let letters = store.dead_letters(&DeadLetterFilter {
+        limit,
+        unreplayed_only,
+        ..Default::default()
+    })?;
+    if letters.is_empty() {
+        println!("no dead letters");
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:<24}  {:<20}  {:<22}  {:<10}  error",
+        "id", "stored", "integration", "shard", "replayed"
+    );
+    for letter in &letters {
+        let mut error = letter.error.replace('\n', " ");
+        if error.chars().count() > 100 {
+            error = error.chars().take(100).collect::<String>() + "…";
+        }
+        println!(
+            "{:>6}  {:<24}  {:<20}  {:<22}  {:<10}  {error}",
+            letter.id,
+            iso_time(letter.created_ms),
+            letter.integration,
+            letter.shard,
+            if letter.replayed_ms.is_some() {
+                "yes"
+            } else {
+                "no"
+            },
+        );
+    }
+    Ok(())
+}
+
+fn show(config: &Config, id: i64) -> anyhow::Result<()> {
+    let store = open(config)?;
+    let letters = store.dead_letters(&DeadLetterFilter {
+        ids: vec![id],
+        limit: 1,
+        ..Default::default()
+    })?;
+    let Some(letter) = letters.first() else {
+        bail!("dead letter {id} is not found");
+    };
+    println!("{}", serde_json::to_string_pretty(&describe(letter))?);
+    Ok(())
+}
+
+fn describe(letter: &DeadLetter) -> Value {
+    let mut value = serde_json::to_value(letter).unwrap_or(Value::Null);
+    value["stored"] = json!(iso_time(letter.created_ms));
+    match std::str::from_utf8(&letter.payload) {
+        Ok(text) => value["payloadText"] = json!(text),
+        Err(_) => {
+            value["payloadBase64"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(&letter.payload))
+        }
+    }
+    value
+}
+
+fn purge(
+    config: &Config,
+    ids: Vec<i64>,
+    older_than_days: Option<u64>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let before_ms = match (ids.is_empty(), older_than_days, all) {
+        (false, None, false) => None,
+        (true, Some(days), false) => Some(crate::msg::now_millis() - (days as i64) * 86_400_000),
+        (true, None, true) => None,
+        _ => bail!("choose one: --id ID (repeatable), --older-than-days N, or --all"),
+    };
+    let store = open(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(store.write(vec![Write::PurgeDeadLetters { ids, before_ms }], None))?;
+    println!("purged");
+    Ok(())
+}
+
+fn replay(config: &Config, ids: Vec<i64>, since: Option<String>) -> anyhow::Result<()> {
+    let since_ms = match since {
+        None => None,
+        Some(text) => Some(
+            crate::config::parse_time(&text)
+                .with_context(|| format!("--since {text:?} is not epoch ms or RFC 3339 UTC"))?,
+        ),
+    };
+    let mut address: SocketAddr = config.http.bind.parse()?;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let login =
+        json!({"username": config.http.username, "password": config.http.password.expose()});
+    let (status, body) = request(address, "/api/auth/login", None, &login)?;
+    if status != 200 {
+        bail!("login to the service at {address} failed ({status}): {body}");
+    }
+    let token = body["token"]
+        .as_str()
+        .context("the login answer has no token")?
+        .to_string();
+    let (status, report) = request(
+        address,
+        "/api/shardflow/deadLetters/replay",
+        Some(&token),
+        &json!({"ids": ids, "since": since_ms}),
+    )?;
+    if status != 200 {
+        bail!("replay failed ({status}): {report}");
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// A plain HTTP/1.1 POST of JSON to the service; answers (status, JSON).
+fn request(
+    address: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> anyhow::Result<(u16, Value)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the service at {address}: is it running?"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let body = body.to_string();
+    let auth = token
+        .map(|t| format!("X-Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, payload) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status line")?;
+    let json = serde_json::from_str(payload.trim()).unwrap_or(Value::String(payload.to_string()));
+    Ok((status, json))
+}
+
+/// Epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn iso_time(ms: i64) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let rest = ms.rem_euclid(86_400_000);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3_600_000,
+        rest / 60_000 % 60,
+        rest / 1000 % 60,
+        rest % 1000
+    )
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_in_utc() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_time(1_569_503_664_270), "2019-09-26T13:14:24.270Z");
+    }
+}
