@@ -53,6 +53,23 @@ async fn walkthrough_uplink_then_shared_attribute_downlink() {
     let text = service.latest(&id, false).await;
     assert_eq!(text["temperature"][0]["value"], json!("22"));
 
+    // The record shows in the metrics.
+    let metrics = service
+        .http
+        .get(format!("{}/metrics", service.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("shardflow_records_done_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("shardflow_store_writable 1"), "{metrics}");
+    assert!(metrics.contains("shardflow_records_read_total{integration=\"kinesis_integration\",shard=\"shardId-000000000000\"} 1"), "{metrics}");
+
     // Save the shared attribute: ATTRIBUTES_UPDATED -> Integration Downlink.
     let (status, _) = service
         .post(

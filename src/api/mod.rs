@@ -795,6 +795,48 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             ));
         }
     }
+    let status = &state.status;
+    text.push_str(
+        "# HELP shardflow_records_done_total Records whose every message finished its path.\n",
+    );
+    text.push_str("# TYPE shardflow_records_done_total counter\n");
+    text.push_str(&format!(
+        "shardflow_records_done_total {}\n",
+        status
+            .records_done
+            .load(std::sync::atomic::Ordering::Relaxed)
+    ));
+    text.push_str("# HELP shardflow_record_latency_seconds Record latency: from hand-over to the pipeline (handover) or from ApproximateArrivalTimestamp (arrival) until done.\n");
+    text.push_str("# TYPE shardflow_record_latency_seconds summary\n");
+    for (stage, histogram) in [
+        ("handover", &status.handover_latency),
+        ("arrival", &status.arrival_latency),
+    ] {
+        for q in [0.5, 0.99] {
+            if let Some(value) = histogram.quantile(q) {
+                text.push_str(&format!(
+                    "shardflow_record_latency_seconds{{stage=\"{stage}\",quantile=\"{q}\"}} {}\n",
+                    value.as_secs_f64()
+                ));
+            }
+        }
+        text.push_str(&format!(
+            "shardflow_record_latency_seconds_count{{stage=\"{stage}\"}} {}\n",
+            histogram.count()
+        ));
+    }
+    text.push_str("# HELP shardflow_store_writable 1 while store commits succeed.\n");
+    text.push_str("# TYPE shardflow_store_writable gauge\n");
+    text.push_str(&format!(
+        "shardflow_store_writable {}\n",
+        state.store.is_writable() as u8
+    ));
+    let store = state.store.clone();
+    if let Ok(Ok(count)) = tokio::task::spawn_blocking(move || store.dead_letter_count()).await {
+        text.push_str("# HELP shardflow_dead_letters Dead letters not replayed.\n");
+        text.push_str("# TYPE shardflow_dead_letters gauge\n");
+        text.push_str(&format!("shardflow_dead_letters {count}\n"));
+    }
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 

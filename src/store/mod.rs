@@ -528,6 +528,17 @@ impl Store {
         })
     }
 
+    /// Dead letters not replayed yet.
+    pub fn dead_letter_count(&self) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM dead_letters WHERE replayed_ms IS NULL",
+                [],
+                |row| row.get(0),
+            )
+        })
+    }
+
     /// Waits until everything queued before this call is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.write(Vec::new(), None).await
