@@ -64,7 +64,7 @@ impl ShardReader for FaultyReader {
                 "ExpiredIteratorException".to_string(),
                 "Iterator expired".to_string(),
             ))
-        } else if call % 3 == 0 {
+        } else if call.is_multiple_of(3) {
             Err((
                 "ProvisionedThroughputExceededException".to_string(),
                 "Rate exceeded".to_string(),
