@@ -228,11 +228,15 @@ impl ShardConsumer {
         }
         if self.room() == 0 {
             // The shared budget is full: other shards hold it, so no record
-            // of ours will wake us; look again shortly.
+            // of ours may wake us; look again shortly (one timer at a time).
             self.phase = Phase::Blocked;
-            ctx.run_later(Duration::from_millis(20), |consumer, ctx| {
-                consumer.poll(ctx)
-            });
+            if !self.poll_scheduled {
+                self.poll_scheduled = true;
+                ctx.run_later(Duration::from_millis(20), |consumer, ctx| {
+                    consumer.poll_scheduled = false;
+                    consumer.poll(ctx);
+                });
+            }
             return;
         }
         self.phase = Phase::Idle;
