@@ -51,7 +51,7 @@ async fn converter_results_are_stored_as_thingsboard_does() {
 
     // {ts, values}: stored under that ts.
     let id = device_id(&mut service, "ts-values").await;
-    let latest = service.latest(&id, true).await;
+    let latest = service.wait_latest(&id, "t").await;
     assert_eq!(latest["t"][0]["ts"], json!(1_600_000_000_000i64));
     assert_eq!(
         service.get(&format!("/api/device/{id}")).await.1["type"],
@@ -60,6 +60,7 @@ async fn converter_results_are_stored_as_thingsboard_does() {
 
     // An array of devices, each with its own type; ts arrays keep each point.
     let many_2 = device_id(&mut service, "many-2").await;
+    service.wait_latest(&many_2, "t").await;
     assert_eq!(service.wait_device("many-1").await["type"], "a");
     assert_eq!(service.wait_device("many-2").await["type"], "b");
     let (_, history) = service
@@ -72,6 +73,7 @@ async fn converter_results_are_stored_as_thingsboard_does() {
 
     // Flat telemetry without ts takes the record's arrival time.
     let many_1 = device_id(&mut service, "many-1").await;
+    service.wait_latest(&many_1, "t").await;
     let arrival = records[1]
         .approximate_arrival_timestamp()
         .unwrap()
@@ -84,7 +86,7 @@ async fn converter_results_are_stored_as_thingsboard_does() {
 
     // Value kinds: boolean, string, double, JSON.
     let kinds = device_id(&mut service, "kinds").await;
-    let latest = service.latest(&kinds, true).await;
+    let latest = service.wait_latest(&kinds, "obj").await;
     assert_eq!(latest["on"][0]["value"], json!(true));
     assert_eq!(latest["name"][0]["value"], json!("north"));
     assert_eq!(latest["ratio"][0]["value"], json!(0.5));
@@ -128,7 +130,8 @@ async fn converter_results_are_stored_as_thingsboard_does() {
     assert_eq!(asset["type"], "building");
 
     // No deviceName: an error, nothing stored, the next record goes on.
-    device_id(&mut service, "after").await;
+    let after = device_id(&mut service, "after").await;
+    service.wait_latest(&after, "t").await;
     let error: String = service
         .db()
         .query_row("SELECT error FROM dead_letters", [], |r| r.get(0))

@@ -481,6 +481,20 @@ impl Service {
         }
     }
 
+    /// Latest telemetry once `key` is there (a device can be visible a
+    /// moment before its first values are committed).
+    pub async fn wait_latest(&mut self, device_id: &str, key: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let latest = self.latest(device_id, true).await;
+            if latest.get(key).is_some() {
+                return latest;
+            }
+            assert!(Instant::now() < deadline, "no {key} for {device_id}\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn latest(&mut self, device_id: &str, strict: bool) -> Value {
         self.get(&format!(
             "/api/plugins/telemetry/DEVICE/{device_id}/values/timeseries?useStrictDataTypes={strict}"
