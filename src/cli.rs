@@ -204,11 +204,33 @@ fn run(path: PathBuf) -> ExitCode {
     }
 }
 
+/// The root chain a config file names (or the default), when the file is
+/// valid TOML.
+fn root_chain_of(path: &std::path::Path) -> Option<PathBuf> {
+    let table: toml::Table = std::fs::read_to_string(path).ok()?.parse().ok()?;
+    let chain = table
+        .get("root_chain")
+        .and_then(|v| v.as_str())
+        .unwrap_or("rulechains/root.json");
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    Some(base.join(chain))
+}
+
 fn check(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(config) => config,
         Err(e) => {
             println!("{e}");
+            // The chain does not depend on the rest of the config: check it
+            // too, so one run shows everything.
+            if let Some(chain) = root_chain_of(&path) {
+                if let Err(chain_error) = crate::chain::loader::load(&chain) {
+                    println!("{chain_error}");
+                }
+            }
             return ExitCode::from(1);
         }
     };

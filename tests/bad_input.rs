@@ -210,9 +210,17 @@ fn a_config_with_three_mistakes_reports_all_three() {
         );
     std::fs::write(&path, text).unwrap();
 
+    // The chain is broken too: reported in the same run.
+    let chain = dir.path().join("rulechains/root.json");
+    let broken = std::fs::read_to_string(&chain)
+        .unwrap()
+        .replace("TbMsgTypeSwitchNode", "TbNoSuchNode");
+    std::fs::write(&chain, broken).unwrap();
+
     let (code, text) = check(dir.path());
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("3 problem(s)"), "{text}");
+    assert!(text.contains("TbNoSuchNode"), "{text}");
     assert!(text.contains("OLDEST"), "{text}");
     assert!(text.contains("max_records = 50000"), "{text}");
     assert!(text.contains("missing.js"), "{text}");

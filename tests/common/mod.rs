@@ -490,7 +490,11 @@ impl Service {
             if latest.get(key).is_some() {
                 return latest;
             }
-            assert!(Instant::now() < deadline, "no {key} for {device_id}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no {key} for {device_id}\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
