@@ -23,7 +23,7 @@ use crate::delivery::Ticket;
 use crate::msg::{relation, TbMsg};
 use crate::store::{Store, Write};
 pub use loader::{ChainDef, ChainError};
-use nodes::{NodeKind, NodeOutput};
+use nodes::{NodeInfo, NodeKind, NodeOutput};
 
 /// A message on its way through the chain, with its delivery ticket.
 #[derive(Debug, Message)]
@@ -76,7 +76,7 @@ impl Services {
 /// One rule node as an actor.
 pub struct NodeActor {
     chain: Arc<str>,
-    name: String,
+    info: NodeInfo,
     label: String,
     kind: NodeKind,
     services: Services,
@@ -92,7 +92,7 @@ impl Handler<Envelope> for NodeActor {
     type Result = ();
 
     fn handle(&mut self, env: Envelope, ctx: &mut Context<Self>) {
-        match self.kind.process(env, &self.services, &self.name) {
+        match self.kind.process(env, &self.services, &self.info) {
             NodeOutput::Now(outputs) => self.route(outputs),
             NodeOutput::Later(work) => {
                 // A task of its own, not a future of the actor's context:
@@ -202,9 +202,15 @@ impl RuleEngine {
                 .edges(index)
                 .map(|edge| (edge.weight().clone(), addrs[&edge.target()].clone()))
                 .collect();
-            let actor = NodeActor {
+            let info = NodeInfo {
                 chain: chain.clone(),
                 name: node.name.clone(),
+                label: node.label(),
+                last: def.graph.edges(index).next().is_none(),
+            };
+            let actor = NodeActor {
+                chain: chain.clone(),
+                info,
                 label: node.label(),
                 kind: node.kind.clone(),
                 services: services.clone(),

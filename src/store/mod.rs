@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::delivery::Ticket;
 use crate::msg::{EntityId, EntityType};
 pub use value::KvValue;
-pub use writer::Write;
+pub use writer::{FailureTarget, Write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -292,6 +292,26 @@ impl Store {
                 writes,
                 reply: None,
                 ticket,
+                dead_letter_on_failure: None,
+            })
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Queues the writes of a rule node that has nothing after it: no
+    /// answer is needed, the ticket is held until they are committed, and
+    /// if they fail the message is kept as a dead letter instead.
+    pub fn submit_final(
+        &self,
+        writes: Vec<Write>,
+        ticket: Ticket,
+        target: FailureTarget,
+    ) -> Result<(), StoreError> {
+        self.jobs
+            .send(writer::Job {
+                writes,
+                reply: None,
+                ticket: Some(ticket),
+                dead_letter_on_failure: Some(target),
             })
             .map_err(|_| StoreError::WriterGone)
     }
@@ -308,6 +328,7 @@ impl Store {
                 writes,
                 reply: Some(reply),
                 ticket,
+                dead_letter_on_failure: None,
             })
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Entity, KvValue, Scope, StoreError};
 use crate::delivery::{SourceRecord, Ticket};
-use crate::msg::EntityId;
+use crate::msg::{EntityId, TbMsg};
 
 /// One change to the store.
 #[derive(Debug, Clone)]
@@ -102,6 +102,17 @@ pub(super) struct Job {
     pub writes: Vec<Write>,
     pub reply: Option<oneshot::Sender<Result<(), StoreError>>>,
     pub ticket: Option<Ticket>,
+    /// For a rule node with nothing after it: where the message goes when
+    /// its writes fail.
+    pub dead_letter_on_failure: Option<FailureTarget>,
+}
+
+/// The rule node and message a failed write came from, for its dead
+/// letter.
+pub struct FailureTarget {
+    pub chain: String,
+    pub node: String,
+    pub message: TbMsg,
 }
 
 /// Most jobs committed in one transaction.
@@ -196,12 +207,40 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<Result<(
             Err(e) if is_transient(&e) => return Err(e),
             Err(e) => {
                 sp.rollback_to()?;
+                if let (Some(target), Some(ticket)) = (&job.dead_letter_on_failure, &job.ticket) {
+                    keep_as_dead_letter(&tx, target, ticket, &e)?;
+                }
                 outcomes.push(Err(StoreError::Sqlite(e)));
             }
         }
     }
     tx.commit()?;
     Ok(outcomes)
+}
+
+/// Stores the dead letter of a message whose writes failed, in the same
+/// transaction, so its record is done only once the dead letter is kept.
+fn keep_as_dead_letter(
+    tx: &rusqlite::Transaction<'_>,
+    target: &FailureTarget,
+    ticket: &Ticket,
+    error: &rusqlite::Error,
+) -> rusqlite::Result<()> {
+    let source = ticket.source();
+    let error = format!("not saved: {error}");
+    tracing::error!(
+        chain = %target.chain, node = %target.node, integration = %source.integration,
+        stream = %source.stream, shard = %source.shard, sequence_number = %source.sequence_number,
+        error = %error, "message failed with no Failure connection; kept as a dead letter"
+    );
+    let write = Write::dead_letter(
+        source,
+        error,
+        Some(target.chain.clone()),
+        Some(target.node.clone()),
+        serde_json::to_string(&target.message).ok(),
+    );
+    apply(tx, &write)
 }
 
 /// A savepoint on a transaction we only hold by shared reference.

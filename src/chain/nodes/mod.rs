@@ -32,6 +32,47 @@ pub enum NodeKind {
 
 const PREFIX: &str = "org.thingsboard.rule.engine.";
 
+/// Who a node is, for its work and its errors.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub chain: std::sync::Arc<str>,
+    pub name: String,
+    pub label: String,
+    /// No connection leaves the node: its outputs go nowhere.
+    pub last: bool,
+}
+
+/// A store write that ends a message's path: with no node after this
+/// one, the write is fire-and-forget (the ticket waits for the commit, and
+/// a failed write keeps the message as a dead letter); otherwise the node
+/// waits for the commit and emits Success or Failure.
+pub fn store_and_emit(
+    writes: Vec<crate::store::Write>,
+    env: Envelope,
+    services: &Services,
+    node: &NodeInfo,
+    what: &'static str,
+) -> NodeOutput {
+    let store = services.store.clone();
+    if node.last {
+        let target = crate::store::FailureTarget {
+            chain: node.chain.to_string(),
+            node: node.label.clone(),
+            message: env.msg,
+        };
+        if let Err(e) = store.submit_final(writes, env.ticket, target) {
+            tracing::error!(chain = %node.chain, node = %node.label, error = %e, "{what} not queued");
+        }
+        return NodeOutput::Now(Vec::new());
+    }
+    NodeOutput::Later(Box::pin(async move {
+        match store.write(writes, Some(env.ticket.clone())).await {
+            Ok(()) => vec![success(env)],
+            Err(e) => vec![failure(env, format!("{what} not saved: {e}"))],
+        }
+    }))
+}
+
 /// What a node produced for one message.
 pub enum NodeOutput {
     Now(Vec<(String, Envelope)>),
@@ -83,12 +124,16 @@ impl NodeKind {
     }
 
     /// Processes one message.
-    pub fn process(&self, env: Envelope, services: &Services, node: &str) -> NodeOutput {
+    pub fn process(&self, env: Envelope, services: &Services, node: &NodeInfo) -> NodeOutput {
         match self {
             NodeKind::MsgTypeSwitch => msg_type_switch::process(env),
-            NodeKind::SaveTimeseries(config) => save_timeseries::process(config, env, services),
-            NodeKind::SaveAttributes(config) => save_attributes::process(config, env, services),
-            NodeKind::Log(config) => log::process(config, env, services, node),
+            NodeKind::SaveTimeseries(config) => {
+                save_timeseries::process(config, env, services, node)
+            }
+            NodeKind::SaveAttributes(config) => {
+                save_attributes::process(config, env, services, node)
+            }
+            NodeKind::Log(config) => log::process(config, env, services, &node.name),
             NodeKind::IntegrationDownlink(config) => {
                 integration_downlink::process(config, env, services)
             }

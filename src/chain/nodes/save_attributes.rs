@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{failure, success, NodeOutput};
+use super::{failure, store_and_emit, NodeInfo, NodeOutput};
 use crate::chain::{Envelope, Services};
 use crate::msg::{now_millis, POST_ATTRIBUTES_REQUEST};
 use crate::store::{Scope, Write};
@@ -25,7 +25,7 @@ impl Config {
     }
 }
 
-pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutput {
+pub fn process(config: &Config, env: Envelope, services: &Services, node: &NodeInfo) -> NodeOutput {
     if env.msg.msg_type != POST_ATTRIBUTES_REQUEST {
         let reason = format!("unsupported message type {}", env.msg.msg_type);
         return NodeOutput::Now(vec![failure(env, reason)]);
@@ -44,11 +44,5 @@ pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutpu
         ts: now_millis(),
         values,
     };
-    let store = services.store.clone();
-    NodeOutput::Later(Box::pin(async move {
-        match store.write(vec![write], Some(env.ticket.clone())).await {
-            Ok(()) => vec![success(env)],
-            Err(e) => vec![failure(env, format!("attributes not saved: {e}"))],
-        }
-    }))
+    store_and_emit(vec![write], env, services, node, "attributes")
 }

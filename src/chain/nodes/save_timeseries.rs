@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use super::{failure, success, NodeOutput};
+use super::{failure, store_and_emit, NodeInfo, NodeOutput};
 use crate::chain::{Envelope, Services};
 use crate::msg::POST_TELEMETRY_REQUEST;
 use crate::store::{KvValue, Write};
@@ -29,7 +29,12 @@ impl Config {
     }
 }
 
-pub fn process(_config: &Config, env: Envelope, services: &Services) -> NodeOutput {
+pub fn process(
+    _config: &Config,
+    env: Envelope,
+    services: &Services,
+    node: &NodeInfo,
+) -> NodeOutput {
     if env.msg.msg_type != POST_TELEMETRY_REQUEST {
         let reason = format!("unsupported message type {}", env.msg.msg_type);
         return NodeOutput::Now(vec![failure(env, reason)]);
@@ -44,13 +49,7 @@ pub fn process(_config: &Config, env: Envelope, services: &Services) -> NodeOutp
         Ok(writes) => writes,
         Err(reason) => return NodeOutput::Now(vec![failure(env, reason)]),
     };
-    let store = services.store.clone();
-    NodeOutput::Later(Box::pin(async move {
-        match store.write(writes, Some(env.ticket.clone())).await {
-            Ok(()) => vec![success(env)],
-            Err(e) => vec![failure(env, format!("telemetry not saved: {e}"))],
-        }
-    }))
+    store_and_emit(writes, env, services, node, "telemetry")
 }
 
 /// The values to store; null (also NaN and infinities, which JSON turns
