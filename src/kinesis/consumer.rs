@@ -58,7 +58,7 @@ pub struct ShardConsumer {
     start: Position,
     last_fetched: Option<String>,
     window: Window,
-    sink: Option<Arc<dyn CompletionSink>>,
+    sink: Option<Arc<ShardSink>>,
     next_call_at: Instant,
     idle_wait: Duration,
     backoff: Duration,
@@ -436,7 +436,12 @@ impl ShardConsumer {
 
     fn sink(&mut self, ctx: &mut Context<Self>) -> Arc<dyn CompletionSink> {
         self.sink
-            .get_or_insert_with(|| Arc::new(ShardSink(ctx.address())))
+            .get_or_insert_with(|| {
+                Arc::new(ShardSink {
+                    consumer: ctx.address(),
+                    done: std::sync::Mutex::new(Vec::new()),
+                })
+            })
             .clone()
     }
 
@@ -582,42 +587,28 @@ impl Handler<Poll> for ShardConsumer {
     }
 }
 
-/// A record's ticket was released.
+/// Records' tickets were released; the indices wait in the shard's sink.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct RecordDone {
-    index: u64,
-    ok: bool,
-}
+struct RecordsDone;
 
-impl Handler<RecordDone> for ShardConsumer {
+impl Handler<RecordsDone> for ShardConsumer {
     type Result = ();
 
-    fn handle(&mut self, done: RecordDone, ctx: &mut Context<Self>) {
-        if !done.ok {
-            tracing::error!(
-                integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
-                "a record's processing crashed; the shard stops here and its checkpoint does not move past it"
-            );
-            self.stop(ShardState::Failed, Some("record processing crashed".into()));
+    fn handle(&mut self, _: RecordsDone, ctx: &mut Context<Self>) {
+        let Some(sink) = self.sink.clone() else {
             return;
-        }
-        if let Some(observe) = self.integration.status.done_observer.get() {
-            if let Some(sequence_number) = self.window.sequence_number(done.index) {
-                observe(sequence_number);
+        };
+        for (index, ok) in sink.take() {
+            if !ok {
+                tracing::error!(
+                    integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                    "a record's processing crashed; the shard stops here and its checkpoint does not move past it"
+                );
+                self.stop(ShardState::Failed, Some("record processing crashed".into()));
+                return;
             }
-        }
-        if let Some(timing) = self.window.complete(done.index) {
-            self.integration.budget.give_back(timing.bytes);
-            let status = &self.integration.status;
-            status.handover_latency.record(timing.since_fetch);
-            let since_arrival = crate::msg::now_millis() - timing.arrival_ms;
-            status
-                .arrival_latency
-                .record(Duration::from_millis(since_arrival.max(0) as u64));
-            status
-                .records_done
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.record_done(index);
         }
         if self.phase == Phase::Blocked && !self.window_full() {
             self.poll(ctx);
@@ -636,6 +627,28 @@ impl Handler<RecordDone> for ShardConsumer {
                 }
                 .into_actor(self),
             );
+        }
+    }
+}
+
+impl ShardConsumer {
+    fn record_done(&mut self, index: u64) {
+        if let Some(observe) = self.integration.status.done_observer.get() {
+            if let Some(sequence_number) = self.window.sequence_number(index) {
+                observe(sequence_number);
+            }
+        }
+        if let Some(timing) = self.window.complete(index) {
+            self.integration.budget.give_back(timing.bytes);
+            let status = &self.integration.status;
+            status.handover_latency.record(timing.since_fetch);
+            let since_arrival = crate::msg::now_millis() - timing.arrival_ms;
+            status
+                .arrival_latency
+                .record(Duration::from_millis(since_arrival.max(0) as u64));
+            status
+                .records_done
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -668,11 +681,28 @@ impl Handler<Drain> for ShardConsumer {
     }
 }
 
-struct ShardSink(Addr<ShardConsumer>);
+/// Collects completed records for the consumer. The store writer releases
+/// thousands of tickets per commit; they are handed over in one message
+/// rather than one message each.
+struct ShardSink {
+    consumer: Addr<ShardConsumer>,
+    done: std::sync::Mutex<Vec<(u64, bool)>>,
+}
+
+impl ShardSink {
+    fn take(&self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 impl CompletionSink for ShardSink {
     fn complete(&self, index: u64, ok: bool) {
-        self.0.do_send(RecordDone { index, ok });
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        // The first completion since the last hand-over sends the wake-up.
+        if done.is_empty() {
+            self.consumer.do_send(RecordsDone);
+        }
+        done.push((index, ok));
     }
 }
 
