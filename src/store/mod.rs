@@ -161,6 +161,8 @@ pub struct Store {
     entities: Arc<Mutex<HashMap<(EntityType, String), Entity>>>,
     path: PathBuf,
     writable: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped with the last clone of the store; ends the checkpointer.
+    _alive: Arc<()>,
 }
 
 /// Holds the data directory's lock for as long as it lives.
@@ -259,7 +261,15 @@ impl Store {
         })?;
         let path = dir.join("shardflow.db");
         let write_conn = open_connection(&path)?;
+        // A larger page cache for the writer (without it, it spends a fifth
+        // of its time re-reading pages), and WAL checkpoints moved off the
+        // write path to a thread of their own, so commits never wait for
+        // one.
+        write_conn.pragma_update(None, "cache_size", -8_192)?;
+        write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         write_conn.execute_batch(SCHEMA)?;
+        let alive = Arc::new(());
+        spawn_checkpointer(open_connection(&path)?, Arc::downgrade(&alive));
         // Databases made before dead letters could be replayed.
         let _ = write_conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN replayed_ms INTEGER");
         let _ = write_conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN arrival_ms INTEGER");
@@ -273,6 +283,7 @@ impl Store {
             entities: Arc::new(Mutex::new(entities)),
             path,
             writable,
+            _alive: alive,
         })
     }
 
@@ -563,6 +574,25 @@ impl Store {
     /// Waits until everything queued before this call is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.write(Vec::new(), None).await
+    }
+}
+
+/// Copies the WAL into the database file in the background (PASSIVE: it
+/// never blocks the writer or readers), so the WAL stays small.
+/// It stops once the store is dropped.
+fn spawn_checkpointer(conn: Connection, alive: std::sync::Weak<()>) {
+    let spawned = std::thread::Builder::new()
+        .name("store-checkpointer".into())
+        .spawn(move || {
+            while alive.strong_count() > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the WAL checkpointer");
     }
 }
 
