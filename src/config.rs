@@ -101,9 +101,9 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            max_in_flight_records: 2_000,
+            max_in_flight_records: 4_000,
             max_in_flight_bytes: 8 * 1024 * 1024,
-            max_in_flight_records_total: 5_000,
+            max_in_flight_records_total: 10_000,
             max_in_flight_bytes_total: 64 * 1024 * 1024,
             checkpoint_interval_ms: 1000,
             shard_sync_interval_ms: 10_000,

@@ -81,21 +81,6 @@ fn group_by_ts(uplink: &Uplink, arrival_ms: i64) -> BTreeMap<i64, Map<String, Va
     groups
 }
 
-/// The metadata object ThingsBoard's Kinesis integration gives `Decoder`.
-pub fn decoder_metadata(source: &SourceRecord) -> BTreeMap<String, String> {
-    let mut metadata = BTreeMap::new();
-    metadata.insert("integrationName".into(), source.integration.clone());
-    metadata.insert("streamName".into(), source.stream.clone());
-    metadata.insert("shardId".into(), source.shard.clone());
-    metadata.insert("partitionKey".into(), source.partition_key.clone());
-    metadata.insert("sequenceNumber".into(), source.sequence_number.clone());
-    metadata.insert(
-        "approximateArrivalTimestamp".into(),
-        source.arrival_ms.to_string(),
-    );
-    metadata
-}
-
 /// Metadata every message about `entity` carries.
 pub fn entity_metadata(entity: &Entity, integration: &str) -> BTreeMap<String, String> {
     let mut metadata = BTreeMap::new();

@@ -129,8 +129,7 @@ impl Replayer {
         let job = Decode {
             script: decoder,
             records: vec![DecodeInput {
-                payload: source.payload.clone(),
-                metadata: ingest::decoder_metadata(&source),
+                record: source.clone(),
             }],
         };
         let mut results = self.js.send(job).await.map_err(|e| e.to_string())?;

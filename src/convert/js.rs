@@ -50,6 +50,9 @@ pub enum JsArg<'a> {
     StringMap(&'a BTreeMap<String, String>),
     /// A JSON text, parsed in the script's context.
     Json(&'a str),
+    /// A Kinesis record's metadata object: integrationName, streamName,
+    /// shardId, partitionKey, sequenceNumber, approximateArrivalTimestamp.
+    RecordMetadata(&'a crate::delivery::SourceRecord),
     Str(&'a str),
 }
 
@@ -335,6 +338,16 @@ fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
             Ok(object.into_value())
         }
         JsArg::Json(text) => ctx.json_parse(*text),
+        JsArg::RecordMetadata(record) => {
+            let object = Object::new(ctx.clone())?;
+            object.set("integrationName", record.integration.as_str())?;
+            object.set("streamName", record.stream.as_str())?;
+            object.set("shardId", record.shard.as_str())?;
+            object.set("partitionKey", record.partition_key.as_str())?;
+            object.set("sequenceNumber", record.sequence_number.as_str())?;
+            object.set("approximateArrivalTimestamp", record.arrival_ms.to_string())?;
+            Ok(object.into_value())
+        }
         JsArg::Str(text) => rquickjs::String::from_str(ctx.clone(), text).map(|s| s.into_value()),
     }
 }

@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use bytes::Bytes;
+
+use crate::delivery::SourceRecord;
 
 pub use downlink::DownlinkRecord;
 use js::{JsArg, JsError, JsLimits, JsRuntime};
@@ -98,8 +99,9 @@ pub enum ConvertError {
 
 /// One record to decode.
 pub struct DecodeInput {
-    pub payload: Bytes,
-    pub metadata: BTreeMap<String, String>,
+    /// The record: its payload, and the fields of the `metadata` object
+    /// ThingsBoard's Kinesis integration gives `Decoder`.
+    pub record: Arc<SourceRecord>,
 }
 
 /// Decodes a batch of records, in order, with one converter.
@@ -183,8 +185,8 @@ impl Handler<Decode> for ConverterWorker {
                 let output = self.runtime.call(
                     &key,
                     &[
-                        JsArg::Bytes(&record.payload),
-                        JsArg::StringMap(&record.metadata),
+                        JsArg::Bytes(&record.record.payload),
+                        JsArg::RecordMetadata(&record.record),
                     ],
                 )?;
                 Ok(uplink::parse(output)?)

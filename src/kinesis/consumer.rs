@@ -68,6 +68,8 @@ pub struct ShardConsumer {
     written_checkpoint: Option<String>,
     drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     poll_scheduled: bool,
+    /// Budget reserved for the GetRecords call under way.
+    reserved: usize,
 }
 
 struct ConvertedBatch {
@@ -105,6 +107,7 @@ impl ShardConsumer {
             written_checkpoint: checkpoint,
             drain_waiters: Vec::new(),
             poll_scheduled: false,
+            reserved: 0,
         }
     }
 
@@ -211,11 +214,9 @@ impl ShardConsumer {
             || self.window.bytes() >= pipeline.max_in_flight_bytes
     }
 
-    /// Records this shard may fetch now, within its window and the shared
-    /// budget.
+    /// Records this shard's own window has room for.
     fn room(&self) -> usize {
-        let own = self.integration.pipeline.max_in_flight_records - self.window.records();
-        own.min(self.integration.budget.room())
+        self.integration.pipeline.max_in_flight_records - self.window.records()
     }
 
     fn poll(&mut self, ctx: &mut Context<Self>) {
@@ -226,18 +227,11 @@ impl ShardConsumer {
             self.phase = Phase::Blocked;
             return;
         }
-        if self.room() == 0 {
+        if !self.integration.budget.has_room() {
             // The shared budget is full: other shards hold it, so no record
-            // of ours may wake us; look again shortly (one timer at a time).
+            // of ours may wake us; look again shortly.
             self.phase = Phase::Blocked;
-            if !self.poll_scheduled {
-                self.poll_scheduled = true;
-                ctx.run_later(Duration::from_millis(20), |consumer, ctx| {
-                    consumer.poll_scheduled = false;
-                    consumer.poll(ctx);
-                });
-            }
-            return;
+            return self.poll_again_soon(ctx);
         }
         self.phase = Phase::Idle;
         let now = Instant::now();
@@ -254,21 +248,46 @@ impl ShardConsumer {
         let Some(iterator) = self.iterator.clone() else {
             return;
         };
+        let wanted = (self.integration.config.max_records as usize).min(self.room());
+        let reserved = self.integration.budget.reserve(wanted);
+        if reserved == 0 {
+            // Another shard took the last of the budget meanwhile.
+            self.phase = Phase::Blocked;
+            return self.poll_again_soon(ctx);
+        }
+        self.reserved = reserved;
         self.phase = Phase::Fetching;
         self.next_call_at = now + self.integration.reader.call_interval();
-        let room = self.room();
-        let limit = (self.integration.config.max_records as usize)
-            .min(room)
-            .max(1) as i32;
-        let call = self.integration.reader.records(iterator, limit);
+        let call = self.integration.reader.records(iterator, reserved as i32);
         ctx.spawn(
             call.into_actor(self)
                 .map(|result, consumer, ctx| consumer.fetched(result, ctx)),
         );
     }
 
+    /// One timer at a time.
+    fn poll_again_soon(&mut self, ctx: &mut Context<Self>) {
+        if !self.poll_scheduled {
+            self.poll_scheduled = true;
+            ctx.run_later(Duration::from_millis(20), |consumer, ctx| {
+                consumer.poll_scheduled = false;
+                consumer.poll(ctx);
+            });
+        }
+    }
+
     fn fetched(&mut self, result: Result<Fetched, ReadError>, ctx: &mut Context<Self>) {
+        // The reservation covers the records fetched; the rest goes back.
+        let used = result.as_ref().map(|f| f.records.len()).unwrap_or(0);
+        let reserved = std::mem::take(&mut self.reserved);
+        if reserved > used {
+            self.integration.budget.unreserve(reserved - used);
+        }
         if self.phase == Phase::Stopped {
+            if used > 0 {
+                // Dropped unread: their reservations go back too.
+                self.integration.budget.unreserve(used);
+            }
             return;
         }
         let output = match result {
@@ -329,7 +348,7 @@ impl ShardConsumer {
                     record.arrival_ms,
                 )
                 .map_err(|e| e.to_string())?;
-            self.integration.budget.take(record.data.len());
+            self.integration.budget.take_bytes(record.data.len());
             self.last_fetched = Some(record.sequence_number.clone());
             let source = Arc::new(SourceRecord {
                 integration: config.name.clone(),
@@ -341,8 +360,7 @@ impl ShardConsumer {
                 payload: record.data,
             });
             inputs.push(DecodeInput {
-                payload: source.payload.clone(),
-                metadata: crate::ingest::decoder_metadata(&source),
+                record: source.clone(),
             });
             batch.push((index, source));
         }

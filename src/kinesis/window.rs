@@ -76,23 +76,43 @@ impl Budget {
         }
     }
 
-    pub fn take(&self, bytes: usize) {
-        self.records.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    pub fn give_back(&self, bytes: usize) {
-        self.records.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-    }
-
-    /// Records that may still be fetched; 0 when full.
-    pub fn room(&self) -> usize {
+    /// Reserves up to `wanted` records for a fetch, so that shards fetching
+    /// at the same moment cannot together overshoot the bound; returns how
+    /// many were reserved (0 when full).
+    pub fn reserve(&self, wanted: usize) -> usize {
         if self.bytes.load(Ordering::Relaxed) >= self.max_bytes {
             return 0;
         }
-        self.max_records
-            .saturating_sub(self.records.load(Ordering::Relaxed))
+        let mut granted = 0;
+        let _ = self
+            .records
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                granted = wanted.min(self.max_records.saturating_sub(used));
+                (granted > 0).then_some(used + granted)
+            });
+        granted
+    }
+
+    /// Gives back reserved records a fetch did not use.
+    pub fn unreserve(&self, records: usize) {
+        self.records.fetch_sub(records, Ordering::AcqRel);
+    }
+
+    /// Counts a fetched record's bytes (its record was reserved).
+    pub fn take_bytes(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A record is done: its reservation and bytes are free again.
+    pub fn give_back(&self, bytes: usize) {
+        self.records.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether any record could be reserved now.
+    pub fn has_room(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) < self.max_bytes
+            && self.records.load(Ordering::Relaxed) < self.max_records
     }
 }
 
@@ -239,6 +259,18 @@ mod tests {
         assert_eq!(w.checkpoint(), Some("300"));
         assert!(w.is_empty());
         assert_eq!(w.bytes(), 0);
+    }
+
+    #[test]
+    fn reservations_never_overshoot_the_budget() {
+        let budget = Budget::new(10, 1000);
+        assert_eq!(budget.reserve(6), 6);
+        assert_eq!(budget.reserve(6), 4);
+        assert_eq!(budget.reserve(1), 0);
+        budget.unreserve(3);
+        assert_eq!(budget.reserve(5), 3);
+        budget.give_back(0);
+        assert!(budget.has_room());
     }
 
     #[test]
