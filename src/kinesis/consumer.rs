@@ -702,6 +702,20 @@ impl Handler<Drain> for ShardConsumer {
 /// Collects completed records for the consumer. The store writer releases
 /// thousands of tickets per commit; they are handed over in one message
 /// rather than one message each.
+/// Stops the actor (after a drain, to release what it holds).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for ShardConsumer {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        self.phase = Phase::Stopped;
+        ctx.stop();
+    }
+}
+
 struct ShardSink {
     consumer: Addr<ShardConsumer>,
     done: std::sync::Mutex<Vec<(u64, bool)>>,

@@ -64,6 +64,9 @@ impl Consumers {
                 "records still in flight after {limit:?}; they will be read again after restart"
             );
         }
+        for consumer in &consumers {
+            consumer.do_send(consumer::Stop);
+        }
     }
 }
 
