@@ -406,7 +406,7 @@ fn describe_error(ctx: &Ctx<'_>, error: rquickjs::Error) -> String {
 mod tests {
     use super::*;
 
-    fn runtime() -> JsRuntime {
+    pub(super) fn runtime() -> JsRuntime {
         JsRuntime::new(JsLimits {
             call_timeout: Duration::from_millis(200),
             memory_limit_bytes: 32 << 20,
@@ -508,16 +508,8 @@ mod tests {
 
 #[cfg(test)]
 mod compatibility_tests {
+    use super::tests::runtime;
     use super::*;
-
-    fn runtime() -> JsRuntime {
-        JsRuntime::new(JsLimits {
-            call_timeout: Duration::from_secs(1),
-            memory_limit_bytes: 32 << 20,
-            max_result_bytes: 1 << 20,
-        })
-        .unwrap()
-    }
 
     #[test]
     fn a_script_cannot_change_built_ins_for_the_next_call() {
@@ -563,7 +555,12 @@ mod compatibility_tests {
 
     #[test]
     fn oversized_results_are_refused() {
-        let mut js = runtime();
+        let mut js = JsRuntime::new(JsLimits {
+            call_timeout: Duration::from_secs(10),
+            memory_limit_bytes: 32 << 20,
+            max_result_bytes: 1 << 20,
+        })
+        .unwrap();
         js.compile(
             "t",
             "test.js",
