@@ -267,3 +267,25 @@ async fn a_stream_deleted_and_created_again_is_read_from_its_start() {
         service.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_first_record_does_not_skip_what_arrived_at_latest() {
+    let emulator = Emulator::start();
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "latest", 1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = seq_setup("latest");
+    setup.initial_position = "LATEST";
+    let mut service = Service::start_in(dir.path(), &setup, &emulator).await;
+    service.kill();
+
+    // Records arrive while it is down (arrival times have whole-second
+    // resolution in the emulator).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    put_many(&kinesis, "latest", &records(20, 2)).await;
+
+    let service = Service::start_in(dir.path(), &setup, &emulator).await;
+    wait_stored(&service, 20).await;
+    assert_exactly_once(&service, 20);
+}

@@ -169,10 +169,10 @@ impl ShardSupervisor {
                     parent = %parent, "shard waits for its parent to finish");
                 continue;
             }
-            let initial = if shard.parents.is_empty() {
-                self.initial
-            } else {
+            let initial = if !shard.parents.is_empty() {
                 InitialPosition::TrimHorizon
+            } else {
+                self.latest_resolved(&shard.id, checkpoint.as_ref()).await
             };
             self.spawn(
                 shard.id.clone(),
@@ -180,6 +180,34 @@ impl ShardSupervisor {
                 initial,
             );
         }
+    }
+
+    /// LATEST is a moving target: the first time a shard starts there, the
+    /// time is recorded before its iterator is taken, and a restart before
+    /// its first checkpoint resumes AT_TIMESTAMP of that time, so records
+    /// that arrived meanwhile are not skipped.
+    async fn latest_resolved(
+        &self,
+        shard: &str,
+        checkpoint: Option<&crate::store::Checkpoint>,
+    ) -> InitialPosition {
+        if self.initial != InitialPosition::Latest {
+            return self.initial;
+        }
+        if let Some(from) = checkpoint.and_then(|c| c.latest_from_ms) {
+            return InitialPosition::AtTimestamp(from);
+        }
+        let config = &self.integration.config;
+        let write = Write::LatestFrom {
+            application: config.application_name.clone(),
+            stream: config.stream_name.clone(),
+            shard: shard.to_string(),
+            from_ms: crate::msg::now_millis(),
+        };
+        if let Err(e) = self.integration.store.write(vec![write], None).await {
+            tracing::error!(integration = %config.name, shard, error = %e, "LATEST start time not stored");
+        }
+        InitialPosition::Latest
     }
 
     fn spawn(&mut self, id: String, checkpoint: Option<String>, initial: InitialPosition) {

@@ -116,6 +116,9 @@ pub struct TsValue {
 pub struct Checkpoint {
     pub sequence_number: Option<String>,
     pub shard_end: bool,
+    /// When a shard first started at LATEST (epoch ms), kept until its
+    /// first checkpoint, so a restart before then resumes from that time.
+    pub latest_from_ms: Option<i64>,
 }
 
 /// A record or message that could not be processed, kept with its bytes.
@@ -226,7 +229,7 @@ CREATE TABLE IF NOT EXISTS attributes (
 CREATE TABLE IF NOT EXISTS checkpoints (
     application TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL,
     sequence_number TEXT, shard_end INTEGER NOT NULL DEFAULT 0,
-    updated_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL, latest_from_ms INTEGER,
     PRIMARY KEY (application, stream, shard)
 );
 CREATE TABLE IF NOT EXISTS streams (
@@ -273,6 +276,8 @@ impl Store {
         // Databases made before dead letters could be replayed.
         let _ = write_conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN replayed_ms INTEGER");
         let _ = write_conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN arrival_ms INTEGER");
+        let _ =
+            write_conn.execute_batch("ALTER TABLE checkpoints ADD COLUMN latest_from_ms INTEGER");
         let reader = open_connection(&path)?;
         let entities = load_entities(&reader)?;
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -481,13 +486,14 @@ impl Store {
     ) -> Result<Option<Checkpoint>, StoreError> {
         self.read(|conn| {
             conn.query_row(
-                "SELECT sequence_number, shard_end FROM checkpoints
+                "SELECT sequence_number, shard_end, latest_from_ms FROM checkpoints
                  WHERE application = ?1 AND stream = ?2 AND shard = ?3",
                 params![application, stream, shard],
                 |row| {
                     Ok(Checkpoint {
                         sequence_number: row.get(0)?,
                         shard_end: row.get::<_, i64>(1)? != 0,
+                        latest_from_ms: row.get(2)?,
                     })
                 },
             )

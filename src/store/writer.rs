@@ -39,6 +39,13 @@ pub enum Write {
         sequence_number: Option<String>,
         shard_end: bool,
     },
+    /// Records the time a shard without checkpoint started at LATEST.
+    LatestFrom {
+        application: String,
+        stream: String,
+        shard: String,
+        from_ms: i64,
+    },
     /// Marks a dead letter as replayed.
     DeadLetterReplayed {
         id: i64,
@@ -388,6 +395,20 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 *shard_end as i64,
                 crate::msg::now_millis()
             ])?;
+        }
+        Write::LatestFrom {
+            application,
+            stream,
+            shard,
+            from_ms,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO checkpoints (application, stream, shard, sequence_number, shard_end,
+                   updated_ms, latest_from_ms)
+                 VALUES (?1, ?2, ?3, NULL, 0, ?4, ?4)
+                 ON CONFLICT (application, stream, shard) DO UPDATE SET latest_from_ms = excluded.latest_from_ms",
+            )?
+            .execute(params![application, stream, shard, from_ms])?;
         }
         Write::DeadLetterReplayed { id } => {
             conn.prepare_cached("UPDATE dead_letters SET replayed_ms = ?2 WHERE id = ?1")?
