@@ -161,4 +161,24 @@ async fn api_requires_a_token_but_probes_do_not() {
         .await
         .unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
+
+    // Guessing is rate-limited: after ten failures a minute, even the right
+    // password is refused for a while.
+    let login = |password: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/api/auth/login", service.base_url);
+        async move {
+            http.post(url)
+                .json(&json!({"username": "tenant@thingsboard.org", "password": password}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    for _ in 0..9 {
+        assert_eq!(login("nope").await, 401);
+    }
+    assert_eq!(login("tenant").await, 429);
 }

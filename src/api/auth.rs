@@ -5,8 +5,11 @@
 //! The signing key is generated on first start and kept in the data
 //! directory with 0600 permissions, so tokens survive a restart.
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -26,7 +29,14 @@ pub struct Auth {
     username: String,
     password: Secret,
     token_ttl_secs: u64,
+    /// Times of recent failed logins, for rate limiting.
+    failures: Mutex<VecDeque<Instant>>,
 }
+
+/// Failed logins allowed per `FAILURE_WINDOW`; past that, logins are
+/// refused (429) until the window moves on.
+const MAX_FAILURES: usize = 10;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 /// A verified token's claims that matter here.
 #[derive(Debug)]
@@ -58,7 +68,28 @@ impl Auth {
             username,
             password,
             token_ttl_secs,
+            failures: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Whether the failed logins of the last minute reached the limit.
+    pub fn too_many_failures(&self) -> bool {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        while failures
+            .front()
+            .is_some_and(|t| t.elapsed() > FAILURE_WINDOW)
+        {
+            failures.pop_front();
+        }
+        failures.len() >= MAX_FAILURES
+    }
+
+    pub fn record_failure(&self) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.push_back(Instant::now());
+        if failures.len() > MAX_FAILURES {
+            failures.pop_front();
+        }
     }
 
     /// Checks credentials in constant time with respect to the password.
@@ -184,5 +215,17 @@ mod tests {
         assert!(auth.check_password("u", "p"));
         assert!(!auth.check_password("u", "q"));
         assert!(!auth.check_password("u", "pp"));
+    }
+
+    #[test]
+    fn logins_are_refused_after_ten_failures_a_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), 60).unwrap();
+        for _ in 0..9 {
+            auth.record_failure();
+        }
+        assert!(!auth.too_many_failures());
+        auth.record_failure();
+        assert!(auth.too_many_failures());
     }
 }

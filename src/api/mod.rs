@@ -200,15 +200,24 @@ fn json_body(body: &Bytes) -> ApiResult<Value> {
 
 async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
     let body = json_body(&body)?;
-    let username = body
-        .get("username")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let password = body
-        .get("password")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let (Some(username), Some(password)) = (
+        body.get("username").and_then(Value::as_str),
+        body.get("password").and_then(Value::as_str),
+    ) else {
+        return Err(ApiError::bad_request(
+            "username and password must be given as strings",
+        ));
+    };
+    if state.auth.too_many_failures() {
+        return Err(ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "too many failed logins; try again in a minute".into(),
+            code: 10,
+        });
+    }
     if !state.auth.check_password(username, password) {
+        state.auth.record_failure();
+        tracing::warn!("failed login");
         return Err(ApiError::unauthorized("Invalid username or password"));
     }
     Ok(Json(state.auth.issue(username)))
