@@ -48,6 +48,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub pipeline: PipelineConfig,
     pub js: JsConfig,
+    pub dead_letters: DeadLetterConfig,
     pub integrations: Vec<IntegrationConfig>,
 }
 
@@ -108,6 +109,26 @@ impl Default for PipelineConfig {
             checkpoint_interval_ms: 1000,
             shard_sync_interval_ms: 10_000,
             chain_threads: 0,
+        }
+    }
+}
+
+/// How long dead letters are kept. Dropping them is the one place where
+/// shardflow discards records on purpose, so it is logged at WARN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// Most dead letters kept; the oldest go first. 0 keeps all.
+    pub max_count: u64,
+    /// Dead letters older than this many days are dropped. 0 keeps all.
+    pub max_age_days: u64,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            max_count: 1_000_000,
+            max_age_days: 30,
         }
     }
 }
@@ -260,6 +281,7 @@ impl Config {
             "http",
             "pipeline",
             "js",
+            "dead_letters",
             "integration",
         ];
         for key in table.keys() {
@@ -273,6 +295,7 @@ impl Config {
         let http: HttpConfig = section(&table, "http", &mut problems);
         let pipeline: PipelineConfig = section(&table, "pipeline", &mut problems);
         let js: JsConfig = section(&table, "js", &mut problems);
+        let dead_letters: DeadLetterConfig = section(&table, "dead_letters", &mut problems);
 
         if http.bind.parse::<SocketAddr>().is_err() {
             problems.push(format!(
@@ -340,6 +363,7 @@ impl Config {
             http,
             pipeline,
             js,
+            dead_letters,
             integrations,
         })
     }

@@ -287,6 +287,7 @@ async fn serve(
     )
     .await?;
 
+    let store_for_retention = store.clone();
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let router = api::router(ApiState {
         store,
@@ -307,6 +308,7 @@ async fn serve(
         }
     });
     tracing::info!(address = %address, "shardflow started; HTTP API listening");
+    spawn_dead_letter_retention(&config, store_for_retention, &io);
 
     io.spawn(stop_signal()).await?;
     tracing::info!("stopping: waiting for records in flight");
@@ -315,6 +317,32 @@ async fn serve(
     tracing::info!("shardflow stopped");
     System::current().stop();
     Ok(())
+}
+
+/// Applies the dead-letter retention every minute, with a WARN when it
+/// drops any.
+fn spawn_dead_letter_retention(config: &Config, store: Store, io: &tokio::runtime::Handle) {
+    let limits = config.dead_letters.clone();
+    if limits.max_count == 0 && limits.max_age_days == 0 {
+        return;
+    }
+    io.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let max_age_ms = (limits.max_age_days as i64).saturating_mul(86_400_000);
+            match store.trim_dead_letters(limits.max_count, max_age_ms).await {
+                Ok(0) => {}
+                Ok(dropped) => {
+                    tracing::warn!(
+                    dropped, max_count = limits.max_count, max_age_days = limits.max_age_days,
+                    "dead letters dropped by the retention limits ([dead_letters] in the config)"
+                )
+                }
+                Err(e) => tracing::warn!(error = %e, "dead-letter retention failed; retrying"),
+            }
+        }
+    });
 }
 
 fn log_integration(integration: &IntegrationConfig) {

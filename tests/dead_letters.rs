@@ -106,3 +106,36 @@ async fn dead_letters_are_listed_replayed_once_after_a_fix_and_purged() {
     assert!(ok, "{text}");
     assert_eq!(service.count("dead_letters"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_the_oldest_dead_letters_beyond_the_cap() {
+    use shardflow::delivery::SourceRecord;
+    use shardflow::store::{DeadLetterFilter, Store, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for i in 0..5 {
+        let source = SourceRecord {
+            integration: "i".into(),
+            sequence_number: i.to_string(),
+            ..Default::default()
+        };
+        store
+            .write(
+                vec![Write::dead_letter(&source, "bad".into(), None, None, None)],
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.trim_dead_letters(2, 0).await.unwrap(), 3);
+    let left = store
+        .dead_letters(&DeadLetterFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let sequence_numbers: Vec<&str> = left.iter().map(|l| l.sequence_number.as_str()).collect();
+    assert_eq!(sequence_numbers, ["3", "4"]);
+    assert_eq!(store.trim_dead_letters(0, 0).await.unwrap(), 0);
+}

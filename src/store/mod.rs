@@ -566,6 +566,30 @@ impl Store {
         })
     }
 
+    /// Drops dead letters beyond a count (oldest first) and older than an
+    /// age (through the writer); returns how many were dropped. 0 means no
+    /// limit.
+    pub async fn trim_dead_letters(
+        &self,
+        max_count: u64,
+        max_age_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let total = |store: &Store| {
+            store.read(|conn| {
+                conn.query_row("SELECT count(*) FROM dead_letters", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+        };
+        let before = total(self)?;
+        let write = Write::TrimDeadLetters {
+            max_count,
+            max_age_ms,
+        };
+        self.write(vec![write], None).await?;
+        Ok(before - total(self)?)
+    }
+
     /// Dead letters not replayed yet.
     pub fn dead_letter_count(&self) -> Result<i64, StoreError> {
         self.read(|conn| {

@@ -56,6 +56,12 @@ pub enum Write {
         ids: Vec<i64>,
         before_ms: Option<i64>,
     },
+    /// Drops dead letters beyond `max_count` (oldest first) and older than
+    /// `max_age_ms`; 0 means no limit.
+    TrimDeadLetters {
+        max_count: u64,
+        max_age_ms: i64,
+    },
     /// Records which stream (by creation time) the checkpoints of
     /// (application, stream) belong to; `forget_checkpoints` drops those of
     /// an earlier stream of the same name.
@@ -425,6 +431,22 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                     "DELETE FROM dead_letters WHERE ?1 IS NULL OR created_ms < ?1",
                 )?
                 .execute(params![before_ms])?;
+            }
+        }
+        Write::TrimDeadLetters {
+            max_count,
+            max_age_ms,
+        } => {
+            if *max_age_ms > 0 {
+                conn.prepare_cached("DELETE FROM dead_letters WHERE created_ms < ?1")?
+                    .execute(params![crate::msg::now_millis() - max_age_ms])?;
+            }
+            if *max_count > 0 {
+                conn.prepare_cached(
+                    "DELETE FROM dead_letters WHERE id <=
+                       (SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+                )?
+                .execute(params![*max_count as i64])?;
             }
         }
         Write::StreamIdentity {
