@@ -123,17 +123,8 @@ async fn failed_records_become_dead_letters_and_consumption_goes_on() {
 }
 
 fn check(dir: &std::path::Path) -> (i32, String) {
-    let output = std::process::Command::new(binary())
-        .args(["check", "--config"])
-        .arg(dir.join("shardflow.toml"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code().unwrap_or(-1), text)
+    let (code, text) = run_binary(&["check"], &dir.join("shardflow.toml"));
+    (code.unwrap_or(-1), text)
 }
 
 #[test]

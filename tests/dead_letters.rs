@@ -19,19 +19,9 @@ return { deviceName: data.dev, telemetry: { ts: data.ts, values: { v: data.v } }
 "#;
 
 fn dlq(service: &Service, args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new(binary())
-        .arg("dlq")
-        .args(args)
-        .arg("--config")
-        .arg(service.dir.join("shardflow.toml"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let args: Vec<&str> = std::iter::once("dlq").chain(args.iter().copied()).collect();
+    let (code, text) = run_binary(&args, &service.dir.join("shardflow.toml"));
+    (code == Some(0), text)
 }
 
 fn replayed(service: &Service) -> i64 {

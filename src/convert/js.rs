@@ -407,9 +407,14 @@ mod tests {
     use super::*;
 
     pub(super) fn runtime() -> JsRuntime {
+        runtime_with(Duration::from_millis(200), 32)
+    }
+
+    /// A runtime with this call timeout and memory limit (MiB).
+    pub(super) fn runtime_with(call_timeout: Duration, memory_mb: usize) -> JsRuntime {
         JsRuntime::new(JsLimits {
-            call_timeout: Duration::from_millis(200),
-            memory_limit_bytes: 32 << 20,
+            call_timeout,
+            memory_limit_bytes: memory_mb << 20,
             max_result_bytes: 1 << 20,
         })
         .unwrap()
@@ -458,12 +463,7 @@ mod tests {
 
     #[test]
     fn unbounded_allocation_hits_the_memory_limit() {
-        let mut js = JsRuntime::new(JsLimits {
-            call_timeout: Duration::from_secs(60),
-            memory_limit_bytes: 16 << 20,
-            max_result_bytes: 1 << 20,
-        })
-        .unwrap();
+        let mut js = runtime_with(Duration::from_secs(60), 16);
         js.compile(
             "oom",
             "test.js",
@@ -508,7 +508,7 @@ mod tests {
 
 #[cfg(test)]
 mod compatibility_tests {
-    use super::tests::runtime;
+    use super::tests::{runtime, runtime_with};
     use super::*;
 
     #[test]
@@ -555,12 +555,7 @@ mod compatibility_tests {
 
     #[test]
     fn oversized_results_are_refused() {
-        let mut js = JsRuntime::new(JsLimits {
-            call_timeout: Duration::from_secs(10),
-            memory_limit_bytes: 32 << 20,
-            max_result_bytes: 1 << 20,
-        })
-        .unwrap();
+        let mut js = runtime_with(Duration::from_secs(10), 32);
         js.compile(
             "t",
             "test.js",

@@ -161,7 +161,7 @@ pub struct DeadLetterFilter {
 pub struct Store {
     jobs: mpsc::UnboundedSender<writer::Job>,
     reader: Arc<Mutex<Connection>>,
-    entities: Arc<Mutex<HashMap<(EntityType, String), Entity>>>,
+    entities: Arc<Mutex<EntityCache>>,
     path: PathBuf,
     writable: Arc<std::sync::atomic::AtomicBool>,
     /// Dropped with the last clone of the store; ends the checkpointer.
@@ -357,9 +357,8 @@ impl Store {
         draft: EntityDraft<'_>,
         ticket: Option<Ticket>,
     ) -> Result<(Entity, bool), StoreError> {
-        let key = (draft.entity_type, draft.name.to_string());
         let mut entities = self.entities.lock().expect("entity cache lock");
-        if let Some(entity) = entities.get(&key) {
+        if let Some(entity) = entities.by_name(draft.entity_type, draft.name) {
             return Ok((entity.clone(), false));
         }
         let entity = Entity {
@@ -377,7 +376,7 @@ impl Store {
         // Queued while the cache lock is held, so the row is committed
         // before any write that refers to the entity.
         self.submit(vec![Write::Entity(entity.clone())], ticket)?;
-        entities.insert(key, entity.clone());
+        entities.insert(entity.clone());
         Ok((entity, true))
     }
 
@@ -388,12 +387,12 @@ impl Store {
 
     pub fn entity(&self, id: Uuid) -> Result<Option<Entity>, StoreError> {
         let cached = self.entities.lock().expect("entity cache lock");
-        Ok(cached.values().find(|e| e.id.id == id).cloned())
+        Ok(cached.by_id.get(&id).cloned())
     }
 
     pub fn entity_by_name(&self, entity_type: EntityType, name: &str) -> Option<Entity> {
         let cached = self.entities.lock().expect("entity cache lock");
-        cached.get(&(entity_type, name.to_string())).cloned()
+        cached.by_name(entity_type, name).cloned()
     }
 
     /// Committed entities of a type whose name contains `text_search`,
@@ -661,15 +660,47 @@ fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
     })
 }
 
-fn load_entities(conn: &Connection) -> Result<HashMap<(EntityType, String), Entity>, StoreError> {
+/// Every entity, by id and by (type, name): looked up per record and per
+/// API call without a query and without building a key.
+#[derive(Default)]
+struct EntityCache {
+    by_id: HashMap<Uuid, Entity>,
+    devices: HashMap<String, Uuid>,
+    assets: HashMap<String, Uuid>,
+}
+
+impl EntityCache {
+    fn names(&self, entity_type: EntityType) -> &HashMap<String, Uuid> {
+        match entity_type {
+            EntityType::Device => &self.devices,
+            EntityType::Asset => &self.assets,
+        }
+    }
+
+    fn by_name(&self, entity_type: EntityType, name: &str) -> Option<&Entity> {
+        self.names(entity_type)
+            .get(name)
+            .and_then(|id| self.by_id.get(id))
+    }
+
+    fn insert(&mut self, entity: Entity) {
+        let names = match entity.id.entity_type {
+            EntityType::Device => &mut self.devices,
+            EntityType::Asset => &mut self.assets,
+        };
+        names.insert(entity.name.clone(), entity.id.id);
+        self.by_id.insert(entity.id.id, entity);
+    }
+}
+
+fn load_entities(conn: &Connection) -> Result<EntityCache, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT id, entity_type, name, type, label, customer_name, group_name, created_time FROM entities",
     )?;
     let rows = stmt.query_map([], entity_row)?;
-    let mut map = HashMap::new();
+    let mut cache = EntityCache::default();
     for entity in rows {
-        let entity = entity?;
-        map.insert((entity.id.entity_type, entity.name.clone()), entity);
+        cache.insert(entity?);
     }
-    Ok(map)
+    Ok(cache)
 }

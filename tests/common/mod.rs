@@ -326,6 +326,23 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_shardflow")
 }
 
+/// Runs the shardflow binary with `args` and `--config CONFIG`; returns
+/// whether it succeeded, its exit code, and stdout followed by stderr.
+pub fn run_binary(args: &[&str], config: &Path) -> (Option<i32>, String) {
+    let output = Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
+}
+
 impl Service {
     /// Writes the config into a new temporary directory and starts the
     /// service; waits until `/ready`.
