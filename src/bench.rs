@@ -239,7 +239,8 @@ async fn run_pipeline(
     reader: Option<Arc<dyn ShardReader>>,
     total: usize,
 ) -> anyhow::Result<PipelineRun> {
-    let chain = crate::chain::loader::load(&config.root_chain)?;
+    let source = crate::service::preflight(config)
+        .map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
     let store = Store::open(&config.data_dir)?;
     reset_peak_rss();
     let kinesis_io = io.clone();
@@ -251,7 +252,7 @@ async fn run_pipeline(
         }) as Arc<dyn ShardReader>,
     };
     let started = Instant::now();
-    let pipeline = Pipeline::start(config, &chain, store, io.clone(), &factory).await?;
+    let pipeline = Pipeline::start(config, source, store, io.clone(), &factory).await?;
     let deadline = started + Duration::from_secs(1800);
     while pipeline.status.records_done.load(Ordering::Relaxed) < total as u64 {
         if Instant::now() > deadline {
@@ -586,7 +587,8 @@ async fn light_load_latency(
     create_stream(&client, &stream, 1).await?;
     let dir = tempfile::tempdir()?;
     let config = workspace(dir.path(), &stream, endpoint, 1000)?;
-    let chain = crate::chain::loader::load(&config.root_chain)?;
+    let source = crate::service::preflight(&config)
+        .map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
     let store = Store::open(&config.data_dir)?;
     let kinesis_io = io.clone();
     let factory = move |_: &IntegrationConfig, client: &aws_sdk_kinesis::Client| {
@@ -595,7 +597,7 @@ async fn light_load_latency(
             io: kinesis_io.clone(),
         }) as Arc<dyn ShardReader>
     };
-    let pipeline = Pipeline::start(&config, &chain, store, io.clone(), &factory).await?;
+    let pipeline = Pipeline::start(&config, source, store, io.clone(), &factory).await?;
     let done: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let sink = done.clone();
     let _ = pipeline

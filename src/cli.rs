@@ -80,6 +80,19 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Debug events of rule nodes in debug mode, newest first.
+    Events {
+        #[arg(long, short, default_value = "shardflow.toml")]
+        config: PathBuf,
+        /// Only those of this chain (its name).
+        #[arg(long)]
+        chain: Option<String>,
+        /// Only those of nodes whose label contains this text.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// Measure throughput, latency and memory on this machine (see
     /// scripts/bench, which also starts a Kinesis emulator).
     Bench {
@@ -118,6 +131,18 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
         Command::Dlq { config, action } => match crate::dead_letters::run(&config, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Events {
+            config,
+            chain,
+            node,
+            limit,
+        } => match crate::dead_letters::events(&config, chain, node, limit) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -224,25 +249,37 @@ fn check(path: PathBuf) -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             println!("{e}");
-            // The chain does not depend on the rest of the config: check it
-            // too, so one run shows everything.
-            if let Some(chain) = root_chain_of(&path) {
-                if let Err(chain_error) = crate::chain::loader::load(&chain) {
-                    println!("{chain_error}");
+            // The chains do not depend on the rest of the config: check
+            // them too, so one run shows everything.
+            if let Some(root_chain) = root_chain_of(&path) {
+                let set = crate::chain::set::SetConfig {
+                    root_chain,
+                    unknown_nodes: Default::default(),
+                    limits: crate::service::js_limits_default(),
+                    converters: Vec::new(),
+                };
+                if let Err(problems) = crate::chain::set::load(&set, None) {
+                    for problem in problems {
+                        println!("  - {problem}");
+                    }
                 }
             }
             return ExitCode::from(1);
         }
     };
-    let (_, problems) = crate::service::preflight(&config);
-    if problems.is_empty() {
-        println!(
-            "ok: {} integration(s), root chain {}, converters compile",
-            config.integrations.len(),
-            config.root_chain.display()
-        );
-        ExitCode::SUCCESS
-    } else {
+    let problems = match crate::service::preflight(&config) {
+        Ok(source) => {
+            println!(
+                "ok: {} integration(s), {} rule chain(s) (root {}), converters compile",
+                config.integrations.len(),
+                source.chains.len(),
+                config.root_chain.display()
+            );
+            return ExitCode::SUCCESS;
+        }
+        Err(problems) => problems,
+    };
+    {
         println!("{} problem(s) found:", problems.len());
         for problem in problems {
             println!("  - {problem}");

@@ -49,6 +49,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub js: JsConfig,
     pub dead_letters: DeadLetterConfig,
+    pub rules: RulesConfig,
     pub integrations: Vec<IntegrationConfig>,
 }
 
@@ -130,6 +131,57 @@ impl Default for DeadLetterConfig {
             max_count: 1_000_000,
             max_age_days: 30,
         }
+    }
+}
+
+/// The rule engine: hot reload, unknown node types, debug events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Reload chains and converters when their files change.
+    pub watch: bool,
+    /// Quiet time after the last change before a reload, in milliseconds.
+    pub reload_debounce_ms: u64,
+    /// How often the files are also compared without a change event, in
+    /// milliseconds (file events do not reach every file system).
+    pub reload_poll_ms: u64,
+    /// `reject` (the default): a chain with a node type shardflow does not
+    /// run is rejected. `failure`: such a node is loaded and sends every
+    /// message to Failure.
+    #[serde(deserialize_with = "unknown_nodes")]
+    pub unknown_nodes: crate::chain::loader::UnknownNodes,
+    /// Most debug events kept (oldest dropped first).
+    pub debug_events_max: u64,
+    /// Most debug events recorded per node and second.
+    pub debug_events_per_second: u32,
+    /// How often expired telemetry (TTL) is purged, in seconds.
+    pub ttl_purge_interval_secs: u64,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            watch: true,
+            reload_debounce_ms: 300,
+            reload_poll_ms: 5_000,
+            unknown_nodes: crate::chain::loader::UnknownNodes::Reject,
+            debug_events_max: 100_000,
+            debug_events_per_second: 100,
+            ttl_purge_interval_secs: 60,
+        }
+    }
+}
+
+fn unknown_nodes<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<crate::chain::loader::UnknownNodes, D::Error> {
+    use crate::chain::loader::UnknownNodes;
+    match String::deserialize(deserializer)?.as_str() {
+        "reject" => Ok(UnknownNodes::Reject),
+        "failure" => Ok(UnknownNodes::Failure),
+        other => Err(serde::de::Error::custom(format!(
+            "unknown_nodes = {other:?}: expected \"reject\" or \"failure\""
+        ))),
     }
 }
 
@@ -282,6 +334,7 @@ impl Config {
             "pipeline",
             "js",
             "dead_letters",
+            "rules",
             "integration",
         ];
         for key in table.keys() {
@@ -296,6 +349,15 @@ impl Config {
         let pipeline: PipelineConfig = section(&table, "pipeline", &mut problems);
         let js: JsConfig = section(&table, "js", &mut problems);
         let dead_letters: DeadLetterConfig = section(&table, "dead_letters", &mut problems);
+        let rules: RulesConfig = section(&table, "rules", &mut problems);
+        if rules.reload_debounce_ms == 0 || rules.reload_poll_ms < 100 {
+            problems.push(
+                "[rules] reload_debounce_ms must be > 0 and reload_poll_ms at least 100".into(),
+            );
+        }
+        if rules.ttl_purge_interval_secs == 0 {
+            problems.push("[rules] ttl_purge_interval_secs must be > 0".into());
+        }
 
         if http.bind.parse::<SocketAddr>().is_err() {
             problems.push(format!(
@@ -364,6 +426,7 @@ impl Config {
             pipeline,
             js,
             dead_letters,
+            rules,
             integrations,
         })
     }

@@ -1,4 +1,5 @@
-//! `shardflow dlq`: list, show, purge and replay dead letters.
+//! `shardflow dlq`: list, show, purge and replay dead letters; and
+//! `shardflow events`: the debug events of rule nodes.
 //!
 //! Listing, showing and purging open the store directly (SQLite in WAL mode
 //! lets this run beside the service). Replaying needs the running service,
@@ -40,6 +41,44 @@ fn open(config: &Config) -> anyhow::Result<Store> {
         );
     }
     Ok(Store::open(&config.data_dir)?)
+}
+
+/// Prints debug events, newest first.
+pub fn events(
+    config_path: &Path,
+    chain: Option<String>,
+    node: Option<String>,
+    limit: usize,
+) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let store = open(&config)?;
+    let events = store.debug_events(&crate::store::DebugEventFilter { chain, node, limit })?;
+    if events.is_empty() {
+        println!("no debug events (turn debug on for a node or chain in its export: debugMode or debugSettings)");
+        return Ok(());
+    }
+    for e in events {
+        let relation = e
+            .relation
+            .as_deref()
+            .map(|r| format!(" -> {r}"))
+            .unwrap_or_default();
+        println!(
+            "{}  {}  {}  {}{relation}  {} {}  {}",
+            iso_time(e.ts),
+            e.chain,
+            e.node,
+            e.direction,
+            e.msg_type,
+            e.originator,
+            e.data
+        );
+        println!("    metadata {}", e.metadata);
+        if let Some(error) = e.error {
+            println!("    error {error}");
+        }
+    }
+    Ok(())
 }
 
 fn list(config: &Config, limit: usize, unreplayed_only: bool) -> anyhow::Result<()> {

@@ -86,7 +86,7 @@ pub fn entity_metadata(entity: &Entity, integration: &str) -> BTreeMap<String, S
     let mut metadata = BTreeMap::new();
     let (name_key, type_key) = match entity.id.entity_type {
         msg::EntityType::Device => ("deviceName", "deviceType"),
-        msg::EntityType::Asset => ("assetName", "assetType"),
+        msg::EntityType::Asset | msg::EntityType::Tenant => ("assetName", "assetType"),
     };
     metadata.insert(name_key.to_string(), entity.name.clone());
     metadata.insert(type_key.to_string(), entity.profile.clone());
@@ -108,7 +108,7 @@ pub fn entity_json(entity: &Entity) -> Value {
     json!({
         "id": {"entityType": entity.id.entity_type.as_str(), "id": entity.id.id},
         "createdTime": entity.created_time,
-        "tenantId": {"entityType": "TENANT", "id": "13814000-1dd2-11b2-8080-808080808080"},
+        "tenantId": {"entityType": "TENANT", "id": msg::TENANT_ID},
         "customerId": {"entityType": "CUSTOMER", "id": "13814000-1dd2-11b2-8080-808080808080"},
         "name": entity.name,
         "type": entity.profile,

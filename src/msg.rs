@@ -15,6 +15,9 @@ use uuid::Uuid;
 pub enum EntityType {
     Device,
     Asset,
+    /// The one tenant everything belongs to: the originator of messages
+    /// that are about no device (message counts, generated messages).
+    Tenant,
 }
 
 impl EntityType {
@@ -22,6 +25,7 @@ impl EntityType {
         match self {
             EntityType::Device => "DEVICE",
             EntityType::Asset => "ASSET",
+            EntityType::Tenant => "TENANT",
         }
     }
 
@@ -29,6 +33,7 @@ impl EntityType {
         match text.to_ascii_uppercase().as_str() {
             "DEVICE" => Some(EntityType::Device),
             "ASSET" => Some(EntityType::Asset),
+            "TENANT" => Some(EntityType::Tenant),
             _ => None,
         }
     }
@@ -40,6 +45,19 @@ pub struct EntityId {
     #[serde(rename = "entityType")]
     pub entity_type: EntityType,
     pub id: Uuid,
+}
+
+/// The id ThingsBoard shows for the tenant of a single-tenant setup; the
+/// API's entities carry it as their `tenantId`.
+pub const TENANT_ID: Uuid = uuid::uuid!("13814000-1dd2-11b2-8080-808080808080");
+
+impl EntityId {
+    pub fn tenant() -> EntityId {
+        EntityId {
+            entity_type: EntityType::Tenant,
+            id: TENANT_ID,
+        }
+    }
 }
 
 impl fmt::Display for EntityId {
@@ -117,6 +135,7 @@ pub const POST_TELEMETRY_REQUEST: &str = "POST_TELEMETRY_REQUEST";
 pub const POST_ATTRIBUTES_REQUEST: &str = "POST_ATTRIBUTES_REQUEST";
 pub const ENTITY_CREATED: &str = "ENTITY_CREATED";
 pub const ATTRIBUTES_UPDATED: &str = "ATTRIBUTES_UPDATED";
+pub const ATTRIBUTES_DELETED: &str = "ATTRIBUTES_DELETED";
 
 /// The relation the message type switch emits for `msg_type`: the
 /// ThingsBoard connection name, or `Other` for custom types.

@@ -8,13 +8,13 @@
 //! API (failed attribute-update messages) have no record to convert and are
 //! skipped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use actix::Addr;
 use serde::Serialize;
 
-use crate::chain::RuleEngine;
+use crate::chain::{RuleSet, Rules};
 use crate::convert::{ConverterWorker, Decode, DecodeInput, Script};
 use crate::delivery::{CompletionSink, SourceRecord, Ticket};
 use crate::ingest;
@@ -40,24 +40,17 @@ pub struct ReplayProblem {
 pub struct Replayer {
     store: Store,
     js: Addr<ConverterWorker>,
-    engine: RuleEngine,
-    /// Uplink converters by integration name.
-    decoders: HashMap<String, Arc<Script>>,
+    /// The current converters and chains, which replays go through.
+    rules: Arc<Rules>,
     under_way: Arc<Mutex<HashSet<i64>>>,
 }
 
 impl Replayer {
-    pub fn new(
-        store: Store,
-        js: Addr<ConverterWorker>,
-        engine: RuleEngine,
-        decoders: HashMap<String, Arc<Script>>,
-    ) -> Replayer {
+    pub fn new(store: Store, js: Addr<ConverterWorker>, rules: Arc<Rules>) -> Replayer {
         Replayer {
             store,
             js,
-            engine,
-            decoders,
+            rules,
             under_way: Arc::default(),
         }
     }
@@ -68,8 +61,9 @@ impl Replayer {
         let store = self.store.clone();
         let letters = tokio::task::spawn_blocking(move || store.dead_letters(&filter)).await??;
         let mut report = ReplayReport::default();
+        let set = self.rules.current();
         for letter in letters {
-            let Some(decoder) = self.decoders.get(&letter.integration) else {
+            let Some(decoder) = set.decoders.get(&letter.integration) else {
                 report.skipped.push(ReplayProblem {
                     id: letter.id,
                     reason: format!(
@@ -101,7 +95,7 @@ impl Replayer {
                 payload: letter.payload.into(),
             });
             match self
-                .convert_and_submit(decoder.clone(), source, letter.id)
+                .convert_and_submit(&set, decoder.clone(), source, letter.id)
                 .await
             {
                 Ok(()) => report.replayed.push(letter.id),
@@ -122,6 +116,7 @@ impl Replayer {
 
     async fn convert_and_submit(
         &self,
+        set: &Arc<RuleSet>,
         decoder: Arc<Script>,
         source: Arc<SourceRecord>,
         id: i64,
@@ -146,7 +141,7 @@ impl Replayer {
         let messages = ingest::uplink_messages(&uplinks, &source, &self.store, &ticket)
             .map_err(|e| e.to_string())?;
         for message in messages {
-            self.engine.submit(message, ticket.clone());
+            set.submit(message, ticket.clone());
         }
         Ok(())
     }

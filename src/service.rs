@@ -15,16 +15,18 @@ use actix::prelude::*;
 use anyhow::{bail, Context as _};
 
 use crate::api::{self, auth::Auth, ApiState};
-use crate::chain::{self, DownlinkTarget, RuleEngine, Services};
+use crate::chain::debug::DebugRecorder;
+use crate::chain::set::{SetConfig, SetSource};
+use crate::chain::{self, DownlinkSender, Rules, Services};
 use crate::config::{Config, IntegrationConfig};
 use crate::convert::js::JsLimits;
-use crate::convert::{ConverterWorker, Script, ScriptKind};
+use crate::convert::ConverterWorker;
 use crate::kinesis::reader::{KinesisReader, ShardReader};
 use crate::kinesis::{
     self, producer::DownlinkProducer, producer::ProducerSender, Consumers, Integration,
 };
 use crate::status::StatusBoard;
-use crate::store::{DataDirLock, Store};
+use crate::store::{DataDirLock, Store, Write};
 
 /// How long shutdown waits for records in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -37,80 +39,68 @@ pub fn js_limits(config: &Config) -> JsLimits {
     }
 }
 
-/// Everything `check` and `run` verify before starting: the root chain,
-/// the converters and the references between them. Returns every problem.
-pub fn preflight(config: &Config) -> (Option<chain::ChainDef>, Vec<String>) {
+/// The script limits of a default configuration.
+pub fn js_limits_default() -> JsLimits {
+    let js = crate::config::JsConfig::default();
+    JsLimits {
+        call_timeout: Duration::from_millis(js.call_timeout_ms),
+        memory_limit_bytes: js.memory_limit_mb << 20,
+        max_result_bytes: js.max_result_kb << 10,
+    }
+}
+
+/// Everything `check` and `run` verify before starting: every chain of the
+/// rule chain directory, the converters, and the references between them
+/// and the integrations. Returns the loaded set, or every problem.
+pub fn preflight(config: &Config) -> Result<SetSource, Vec<String>> {
+    let source = chain::set::load(&SetConfig::from_config(config), None)?;
     let mut problems = Vec::new();
-    let limits = js_limits(config);
-    let chain = match chain::loader::load(&config.root_chain) {
-        Ok(def) => Some(def),
-        Err(e) => {
-            let file = e.file.display();
-            for problem in e.problems {
-                problems.push(match problem.node {
-                    Some(node) => format!("rule chain {file}: node {node}: {}", problem.reason),
-                    None => format!("rule chain {file}: {}", problem.reason),
-                });
-            }
-            None
-        }
-    };
-    if let Some(def) = &chain {
+    for def in &source.chains {
         for index in def.graph.node_indices() {
             let node = &def.graph[index];
-            for body in node.kind.scripts() {
-                let script = Script::new(ScriptKind::RuleNode, node.label(), body);
-                if let Err(e) = script.check(limits) {
-                    problems.push(format!(
-                        "rule chain {}: node {}: {e}",
-                        def.file.display(),
-                        node.label()
-                    ));
-                }
-            }
-            if let chain::nodes::NodeKind::IntegrationDownlink(_) = &node.kind {
-                if !config
-                    .integrations
-                    .iter()
-                    .any(|i| i.downlink_converter.is_some())
-                {
-                    problems.push(format!(
-                        "rule chain {}: node {} sends downlinks but no integration has a downlink_converter",
-                        def.file.display(),
-                        node.label()
-                    ));
-                }
-            }
-        }
-    }
-    for integration in &config.integrations {
-        let files = [
-            (ScriptKind::Decoder, Some(&integration.uplink_converter)),
-            (ScriptKind::Encoder, integration.downlink_converter.as_ref()),
-        ];
-        for (kind, path) in files {
-            let Some(path) = path else { continue };
-            match Script::load(kind, path) {
-                Ok(script) => {
-                    if let Err(e) = script.check(limits) {
-                        problems.push(format!("converter {}: {e}", path.display()));
-                    }
-                }
-                Err(e) => problems.push(format!("converter {}: cannot read: {e}", path.display())),
+            let chain::nodes::NodeKind::IntegrationDownlink(downlink) = &node.kind else {
+                continue;
+            };
+            let key = downlink.integration.as_str();
+            let with_downlink: Vec<&str> = config
+                .integrations
+                .iter()
+                .filter(|i| i.downlink_converter.is_some())
+                .map(|i| i.name.as_str())
+                .collect();
+            let problem = match (key, with_downlink.as_slice()) {
+                (_, []) => Some("sends downlinks but no integration has a downlink_converter".to_string()),
+                ("", [_]) => None,
+                ("", _) => Some("has an empty integrationId but several integrations have downlink converters; name one".to_string()),
+                (key, names) if !names.contains(&key) => Some(format!(
+                    "integrationId {key:?} names no integration with a downlink_converter (configured: {})",
+                    names.join(", ")
+                )),
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                problems.push(format!(
+                    "rule chain {}: node {} {problem}",
+                    def.file.display(),
+                    node.label()
+                ));
             }
         }
     }
-    (chain, problems)
+    if problems.is_empty() {
+        Ok(source)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Runs the service until a stop signal.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
-    let (chain, problems) = preflight(&config);
-    if !problems.is_empty() {
-        bail!("cannot start:\n  - {}", problems.join("\n  - "));
-    }
-    let chain = chain.expect("no problems means the chain loaded");
+    let source = match preflight(&config) {
+        Ok(source) => source,
+        Err(problems) => bail!("cannot start:\n  - {}", problems.join("\n  - ")),
+    };
     let store = Store::open(&config.data_dir).context("cannot open the store")?;
     let bind: SocketAddr = config.http.bind.parse().context("http.bind")?;
 
@@ -133,7 +123,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let system = actix::System::new();
     let result = system.block_on(serve(
         config,
-        chain,
+        source,
         store,
         io.handle().clone(),
         listener,
@@ -146,7 +136,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// The running pipeline: converter pool, rule node actors, downlink
 /// producers and shard consumers.
 pub struct Pipeline {
-    pub engine: RuleEngine,
+    pub rules: Arc<Rules>,
     pub replayer: Arc<crate::replay::Replayer>,
     pub consumers: Consumers,
     pub status: StatusBoard,
@@ -162,7 +152,7 @@ impl Pipeline {
     /// Starts everything but the HTTP API. Must run inside an actix system.
     pub async fn start(
         config: &Config,
-        chain_def: &chain::ChainDef,
+        source: SetSource,
         store: Store,
         io: tokio::runtime::Handle,
         reader: &ReaderFactory,
@@ -175,58 +165,59 @@ impl Pipeline {
 
         // AWS clients and downlink producers, one per integration.
         let mut clients = HashMap::new();
-        let mut downlinks = HashMap::new();
+        let mut downlinks: HashMap<String, Arc<dyn DownlinkSender>> = HashMap::new();
         for (n, integration) in config.integrations.iter().enumerate() {
             let owned = integration.clone();
             let client = io
                 .spawn(async move { kinesis::client::build(&owned).await })
                 .await?;
-            if let Some(path) = &integration.downlink_converter {
-                let encoder = Script::load(ScriptKind::Encoder, path)?;
+            if integration.downlink_converter.is_some() {
                 let producer =
                     DownlinkProducer::new(integration.name.clone(), client.clone(), io.clone());
                 let arbiter = &arbiters[n % arbiters.len()];
                 let addr = DownlinkProducer::start_in_arbiter(arbiter, move |_| producer);
-                downlinks.insert(
-                    integration.name.clone(),
-                    DownlinkTarget {
-                        integration: integration.name.clone(),
-                        encoder,
-                        sender: Arc::new(ProducerSender(addr)),
-                    },
-                );
+                downlinks.insert(integration.name.clone(), Arc::new(ProducerSender(addr)));
             }
             clients.insert(integration.name.clone(), client);
         }
 
+        let http = reqwest::Client::builder()
+            .build()
+            .context("cannot build the HTTP client of REST API call nodes")?;
         let services = Services {
             store: store.clone(),
             js: js.clone(),
             downlinks,
+            http,
+            debug: DebugRecorder::new(store.clone(), config.rules.debug_events_per_second),
+            current: Arc::default(),
         };
-        let engine = RuleEngine::start(chain_def, services, &arbiters);
-        tracing::info!(
-            chain = %engine.name(), file = %chain_def.file.display(),
-            nodes = chain_def.graph.node_count(), "rule chain loaded"
+        let rules = Rules::start(
+            SetConfig::from_config(config),
+            source,
+            services,
+            arbiters.clone(),
         );
+        for chain in &rules.current().chains {
+            tracing::info!(
+                chain = %chain.name(), file = %chain.def.file.display(),
+                nodes = chain.def.graph.node_count(), "rule chain loaded"
+            );
+        }
 
-        let mut decoders = HashMap::new();
         let consumers = Consumers::default();
         let budget = Arc::new(kinesis::window::Budget::new(
             config.pipeline.max_in_flight_records_total,
             config.pipeline.max_in_flight_bytes_total,
         ));
         for integration in &config.integrations {
-            let decoder = Script::load(ScriptKind::Decoder, &integration.uplink_converter)?;
-            decoders.insert(integration.name.clone(), decoder.clone());
             let runtime = Arc::new(Integration {
                 config: integration.clone(),
                 pipeline: config.pipeline.clone(),
                 reader: reader(integration, &clients[&integration.name]),
-                decoder,
                 js: js.clone(),
                 store: store.clone(),
-                engine: engine.clone(),
+                rules: rules.clone(),
                 status: status.clone(),
                 budget: budget.clone(),
                 shard_finished: Arc::default(),
@@ -238,11 +229,10 @@ impl Pipeline {
         let replayer = Arc::new(crate::replay::Replayer::new(
             store.clone(),
             js.clone(),
-            engine.clone(),
-            decoders,
+            rules.clone(),
         ));
         Ok(Pipeline {
-            engine,
+            rules,
             replayer,
             consumers,
             status,
@@ -265,7 +255,7 @@ impl Pipeline {
 
 async fn serve(
     config: Config,
-    chain_def: chain::ChainDef,
+    source: SetSource,
     store: Store,
     io: tokio::runtime::Handle,
     listener: tokio::net::TcpListener,
@@ -278,20 +268,14 @@ async fn serve(
             io: reader_io.clone(),
         }) as Arc<dyn ShardReader>
     };
-    let pipeline = Pipeline::start(
-        &config,
-        &chain_def,
-        store.clone(),
-        io.clone(),
-        &kinesis_reader,
-    )
-    .await?;
+    let pipeline =
+        Pipeline::start(&config, source, store.clone(), io.clone(), &kinesis_reader).await?;
 
     let store_for_retention = store.clone();
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let router = api::router(ApiState {
         store,
-        engine: pipeline.engine.clone(),
+        rules: pipeline.rules.clone(),
         auth,
         status: pipeline.status.clone(),
         replayer: pipeline.replayer.clone(),
@@ -308,7 +292,14 @@ async fn serve(
         }
     });
     tracing::info!(address = %address, "shardflow started; HTTP API listening");
-    spawn_dead_letter_retention(&config, store_for_retention, &io);
+    spawn_dead_letter_retention(&config, store_for_retention.clone(), &io);
+    spawn_rule_housekeeping(&config, store_for_retention, &io);
+    let _watch = config.rules.watch.then(|| {
+        pipeline.rules.watch(
+            Duration::from_millis(config.rules.reload_debounce_ms),
+            Duration::from_millis(config.rules.reload_poll_ms),
+        )
+    });
 
     io.spawn(stop_signal()).await?;
     tracing::info!("stopping: waiting for records in flight");
@@ -340,6 +331,32 @@ fn spawn_dead_letter_retention(config: &Config, store: Store, io: &tokio::runtim
                 )
                 }
                 Err(e) => tracing::warn!(error = %e, "dead-letter retention failed; retrying"),
+            }
+        }
+    });
+}
+
+/// Purges telemetry past its TTL and trims the debug events to their cap,
+/// periodically.
+fn spawn_rule_housekeeping(config: &Config, store: Store, io: &tokio::runtime::Handle) {
+    let rules = config.rules.clone();
+    io.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(rules.ttl_purge_interval_secs));
+        loop {
+            every.tick().await;
+            match store
+                .purge_expired_telemetry(crate::msg::now_millis())
+                .await
+            {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "telemetry past its TTL purged"),
+                Err(e) => tracing::warn!(error = %e, "telemetry TTL purge failed; retrying"),
+            }
+            let trim = Write::TrimDebugEvents {
+                max_count: rules.debug_events_max,
+            };
+            if let Err(e) = store.write(vec![trim], None).await {
+                tracing::warn!(error = %e, "debug event retention failed; retrying");
             }
         }
     });

@@ -130,7 +130,7 @@ fn throttling_and_expired_iterators_lose_and_repeat_nothing() {
     "#;
     std::fs::write(dir.path().join("shardflow.toml"), config_text).unwrap();
     let config = Config::load(&dir.path().join("shardflow.toml")).unwrap();
-    let chain = shardflow::chain::loader::load(&config.root_chain).unwrap();
+    let source = shardflow::service::preflight(&config).unwrap();
     let store = Store::open(&config.data_dir).unwrap();
 
     let io = tokio::runtime::Builder::new_multi_thread()
@@ -147,7 +147,7 @@ fn throttling_and_expired_iterators_lose_and_repeat_nothing() {
                             _: &aws_sdk_kinesis::Client| {
             reader.clone() as Arc<dyn ShardReader>
         };
-        let pipeline = Pipeline::start(&config, &chain, store, handle, &factory)
+        let pipeline = Pipeline::start(&config, source, store, handle, &factory)
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -7,6 +7,7 @@
 //! the probes and metrics do not.
 
 pub mod auth;
+mod rules;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use crate::chain::RuleEngine;
+use crate::chain::Rules;
 use crate::delivery::{SourceRecord, Ticket};
 use crate::ingest::{entity_json, entity_metadata};
 use crate::msg::{self, EntityId, EntityType, TbMsg};
@@ -34,7 +35,7 @@ use auth::Auth;
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
-    pub engine: RuleEngine,
+    pub rules: Arc<Rules>,
     pub auth: Arc<Auth>,
     pub status: StatusBoard,
     pub replayer: Arc<Replayer>,
@@ -146,6 +147,8 @@ pub fn router(state: ApiState) -> Router {
             "/api/plugins/telemetry/{device_id}/{scope}",
             post(save_device_attributes),
         )
+        .route("/api/shardflow/ruleChains", get(rules::rule_chains))
+        .route("/api/shardflow/events", get(rules::debug_events))
         .route("/api/shardflow/deadLetters", get(list_dead_letters))
         .route(
             "/api/shardflow/deadLetters/replay",
@@ -398,6 +401,21 @@ fn find_entity(state: &ApiState, entity_type: &str, id: &str) -> ApiResult<Entit
     })?;
     let uuid = Uuid::parse_str(id)
         .map_err(|_| ApiError::bad_request(format!("{id:?} is not a valid UUID")))?;
+    if entity_type == EntityType::Tenant {
+        // The tenant is no stored entity, but nodes may store telemetry of
+        // it (message counts, generated messages).
+        return (uuid == msg::TENANT_ID)
+            .then(|| Entity {
+                id: EntityId::tenant(),
+                name: "Tenant".into(),
+                profile: "TENANT".into(),
+                label: None,
+                customer_name: None,
+                group_name: None,
+                created_time: 0,
+            })
+            .ok_or_else(|| ApiError::not_found(format!("TENANT with id [{id}] is not found")));
+    }
     state
         .store
         .entity(uuid)
@@ -622,7 +640,7 @@ async fn save_attributes(
         Value::Object(object).to_string(),
         ts,
     );
-    state.engine.submit(message, api_ticket(entity.id));
+    state.rules.current().submit(message, api_ticket(entity.id));
     Ok(StatusCode::OK)
 }
 
@@ -739,8 +757,9 @@ async fn replay_dead_letters(State(state): State<ApiState>, body: Bytes) -> ApiR
     ))
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "UP"}))
+/// Liveness, with the rule set's version and the last reload's outcome.
+async fn health(State(state): State<ApiState>) -> Json<Value> {
+    Json(json!({"status": "UP", "rules": state.rules.status()}))
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {

@@ -1,10 +1,15 @@
-//! Loads a rule chain from ThingsBoard's export JSON into a petgraph graph
-//! and validates it.
+//! Loads one rule chain file, in ThingsBoard's export format, into a
+//! petgraph graph and validates what can be checked within the file.
 //!
-//! Exports are taken as they are: unknown fields are ignored. Validation
-//! collects every problem (unknown node type, bad node configuration,
-//! dangling index, self-loop, cycle, a relation the node never emits) and
-//! reports them together, each naming the file and the node.
+//! Exports are taken as they are: unknown fields are ignored, `debugMode`
+//! and `debugSettings` are both read, `configurationVersion` selects a
+//! node's configuration layout, and layout info (`additionalInfo.layoutX/Y`)
+//! is kept for drawing. Legacy `ruleChainConnections` become rule chain
+//! hops. Validation collects every problem (unknown node type, bad node
+//! configuration, dangling index, self-loop, cycle, a relation the node
+//! never emits) and reports them together, each naming the file and the
+//! node. What spans files (references between chains) is checked by
+//! [`super::set`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -13,7 +18,40 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::nodes::NodeKind;
+use super::nodes::{NodeKind, Relations};
+
+/// What to do with a node type shardflow does not implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownNodes {
+    /// The chain is rejected.
+    #[default]
+    Reject,
+    /// The node is loaded and routes every message to Failure.
+    Failure,
+}
+
+/// When a node records debug events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DebugSettings {
+    /// Every message in and out.
+    pub all: bool,
+    /// Until this time (epoch ms) every message in and out, as
+    /// ThingsBoard's time-limited debug mode.
+    pub all_until_ms: i64,
+    /// Messages routed to Failure.
+    pub failures: bool,
+}
+
+impl DebugSettings {
+    pub fn any(&self) -> bool {
+        self.all || self.all_until_ms > 0 || self.failures
+    }
+
+    /// Whether every event is recorded at `now_ms`.
+    pub fn all_at(&self, now_ms: i64) -> bool {
+        self.all || self.all_until_ms > now_ms
+    }
+}
 
 /// One node of a chain, as configured.
 #[derive(Debug, Clone)]
@@ -24,6 +62,9 @@ pub struct NodeDef {
     /// The ThingsBoard class name.
     pub type_name: String,
     pub kind: NodeKind,
+    pub debug: DebugSettings,
+    /// `additionalInfo.layoutX/layoutY`, when the export has them.
+    pub layout: Option<(f64, f64)>,
 }
 
 impl NodeDef {
@@ -38,9 +79,34 @@ impl NodeDef {
 #[derive(Debug, Clone)]
 pub struct ChainDef {
     pub file: PathBuf,
+    /// `ruleChain.id.id` when the export has one, else the file name
+    /// without `.json`.
+    pub id: String,
+    /// The file name without `.json`; chains may be referred to by it.
+    pub stem: String,
     pub name: String,
     pub first: NodeIndex,
     pub graph: DiGraph<NodeDef, String>,
+    /// A hash of the file's text: an unchanged file keeps its actors on
+    /// reload.
+    pub content_hash: u64,
+}
+
+impl ChainDef {
+    /// Names of the chain's output nodes: the relations a rule chain node
+    /// calling this chain can emit.
+    pub fn outputs(&self) -> Vec<&str> {
+        self.graph
+            .node_weights()
+            .filter(|n| matches!(n.kind, NodeKind::Output))
+            .map(|n| n.name.as_str())
+            .collect()
+    }
+
+    /// Whether `key` names this chain: its id, file stem or name.
+    pub fn known_as(&self, key: &str) -> bool {
+        self.id == key || self.stem == key || self.name == key
+    }
 }
 
 /// One problem in a chain file.
@@ -56,6 +122,27 @@ pub struct ChainProblem {
 pub struct ChainError {
     pub file: PathBuf,
     pub problems: Vec<ChainProblem>,
+}
+
+impl ChainError {
+    pub fn single(file: &Path, reason: String) -> ChainError {
+        ChainError {
+            file: file.to_path_buf(),
+            problems: vec![ChainProblem { node: None, reason }],
+        }
+    }
+
+    /// One line per problem: `rule chain FILE: node N: reason`.
+    pub fn lines(&self) -> Vec<String> {
+        let file = self.file.display();
+        self.problems
+            .iter()
+            .map(|problem| match &problem.node {
+                Some(node) => format!("rule chain {file}: node {node}: {}", problem.reason),
+                None => format!("rule chain {file}: {}", problem.reason),
+            })
+            .collect()
+    }
 }
 
 impl fmt::Display for ChainError {
@@ -86,7 +173,11 @@ struct Export {
 #[derive(Deserialize, Default)]
 struct ChainInfo {
     #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
     name: Option<String>,
+    #[serde(rename = "debugMode", default)]
+    debug_mode: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +188,8 @@ struct Metadata {
     nodes: Vec<RawNode>,
     #[serde(default)]
     connections: Option<Vec<RawConnection>>,
+    #[serde(rename = "ruleChainConnections", default)]
+    rule_chain_connections: Option<Vec<RawChainConnection>>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +200,24 @@ struct RawNode {
     name: Option<String>,
     #[serde(default)]
     configuration: Option<Value>,
+    #[serde(rename = "configurationVersion", default)]
+    configuration_version: Option<u32>,
+    #[serde(rename = "debugMode", default)]
+    debug_mode: Option<bool>,
+    #[serde(rename = "debugSettings", default)]
+    debug_settings: Option<RawDebugSettings>,
+    #[serde(rename = "additionalInfo", default)]
+    additional_info: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDebugSettings {
+    #[serde(rename = "failuresEnabled", default)]
+    failures_enabled: Option<bool>,
+    #[serde(rename = "allEnabled", default)]
+    all_enabled: Option<bool>,
+    #[serde(rename = "allEnabledUntil", default)]
+    all_enabled_until: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -119,57 +230,146 @@ struct RawConnection {
     relation: String,
 }
 
+/// A connection to another chain, as exports before rule chain nodes
+/// wrote them.
+#[derive(Deserialize)]
+struct RawChainConnection {
+    #[serde(rename = "fromIndex")]
+    from_index: i64,
+    #[serde(rename = "targetRuleChainId")]
+    target: Value,
+    #[serde(rename = "type")]
+    relation: String,
+}
+
+/// An entity id as exports write it: `{entityType, id}` or a bare string.
+pub fn id_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Object(o) => o.get("id").and_then(id_text),
+        _ => None,
+    }
+}
+
 /// Reads and validates a chain file.
-pub fn load(path: &Path) -> Result<ChainDef, ChainError> {
-    let fail = |reason: String| ChainError {
-        file: path.to_path_buf(),
-        problems: vec![ChainProblem { node: None, reason }],
-    };
-    let text =
-        std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-    parse(&text, path)
+pub fn load(path: &Path, unknown: UnknownNodes) -> Result<ChainDef, ChainError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ChainError::single(path, format!("cannot read the file: {e}")))?;
+    parse(&text, path, unknown)
 }
 
 /// Parses and validates chain JSON; `file` is used in errors.
-pub fn parse(text: &str, file: &Path) -> Result<ChainDef, ChainError> {
+pub fn parse(text: &str, file: &Path, unknown: UnknownNodes) -> Result<ChainDef, ChainError> {
     let mut problems = Vec::new();
-    let export: Export = serde_json::from_str(text).map_err(|e| ChainError {
-        file: file.to_path_buf(),
-        problems: vec![ChainProblem {
-            node: None,
-            reason: format!("not a ThingsBoard rule chain export: {e}"),
-        }],
+    let export: Export = serde_json::from_str(text).map_err(|e| {
+        ChainError::single(file, format!("not a ThingsBoard rule chain export: {e}"))
     })?;
-    let name = export
-        .rule_chain
-        .and_then(|c| c.name)
-        .unwrap_or_else(|| file.display().to_string());
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let info = export.rule_chain.unwrap_or_default();
+    let id = info
+        .id
+        .as_ref()
+        .and_then(id_text)
+        .unwrap_or_else(|| stem.clone());
+    let name = info.name.unwrap_or_else(|| stem.clone());
+    let chain_debug = info.debug_mode.unwrap_or(false);
 
     let mut graph = DiGraph::new();
     for (index, raw) in export.metadata.nodes.into_iter().enumerate() {
-        let node_name = raw.name.unwrap_or_else(|| format!("node {index}"));
-        let config = raw.configuration.unwrap_or(Value::Null);
-        let label = format!("{node_name:?} (#{index})");
-        let kind = match NodeKind::from_config(&raw.type_name, &config) {
-            Ok(kind) => kind,
-            Err(reason) => {
-                problems.push(ChainProblem {
-                    node: Some(label),
-                    reason,
-                });
-                NodeKind::Invalid
-            }
-        };
-        graph.add_node(NodeDef {
+        graph.add_node(node_def(
+            file,
             index,
-            name: node_name,
-            type_name: raw.type_name,
-            kind,
-        });
+            raw,
+            chain_debug,
+            unknown,
+            &mut problems,
+        ));
     }
 
-    let count = graph.node_count();
-    let first = match export.metadata.first_node_index {
+    let first = first_node(
+        export.metadata.first_node_index,
+        graph.node_count(),
+        &mut problems,
+    );
+    for connection in export.metadata.connections.unwrap_or_default() {
+        if let Some((from, to)) = check_connection(&graph, &connection, &mut problems) {
+            graph.add_edge(from, to, connection.relation);
+        }
+    }
+    for hop in export.metadata.rule_chain_connections.unwrap_or_default() {
+        add_chain_hop(&mut graph, hop, &mut problems);
+    }
+    check_acyclic(&graph, &mut problems);
+
+    if !problems.is_empty() {
+        return Err(ChainError {
+            file: file.to_path_buf(),
+            problems,
+        });
+    }
+    Ok(ChainDef {
+        file: file.to_path_buf(),
+        id,
+        stem,
+        name,
+        first,
+        graph,
+        content_hash: content_hash(text),
+    })
+}
+
+fn node_def(
+    file: &Path,
+    index: usize,
+    raw: RawNode,
+    chain_debug: bool,
+    unknown: UnknownNodes,
+    problems: &mut Vec<ChainProblem>,
+) -> NodeDef {
+    let name = raw.name.unwrap_or_else(|| format!("node {index}"));
+    let config = raw.configuration.unwrap_or(Value::Null);
+    let version = raw.configuration_version.unwrap_or(0);
+    let origin = format!("{}: node {name:?} (#{index})", file.display());
+    let kind = match NodeKind::from_config(&raw.type_name, &config, version, &origin) {
+        Ok(kind) => kind,
+        Err(reason) if reason.is_unknown_type() && unknown == UnknownNodes::Failure => {
+            NodeKind::Unsupported(raw.type_name.clone())
+        }
+        Err(reason) => {
+            problems.push(ChainProblem {
+                node: Some(format!("{name:?} (#{index})")),
+                reason: reason.to_string(),
+            });
+            NodeKind::Invalid
+        }
+    };
+    let settings = raw.debug_settings.unwrap_or_default();
+    let debug = DebugSettings {
+        all: chain_debug || raw.debug_mode.unwrap_or(false) || settings.all_enabled == Some(true),
+        all_until_ms: settings.all_enabled_until.unwrap_or(0),
+        failures: settings.failures_enabled.unwrap_or(false),
+    };
+    let layout = raw.additional_info.as_ref().and_then(|info| {
+        Some((
+            info.get("layoutX")?.as_f64()?,
+            info.get("layoutY")?.as_f64()?,
+        ))
+    });
+    NodeDef {
+        index,
+        name,
+        type_name: raw.type_name,
+        kind,
+        debug,
+        layout,
+    }
+}
+
+fn first_node(index: Option<i64>, count: usize, problems: &mut Vec<ChainProblem>) -> NodeIndex {
+    match index {
         Some(i) if i >= 0 && (i as usize) < count => NodeIndex::new(i as usize),
         Some(i) => {
             problems.push(ChainProblem {
@@ -185,39 +385,7 @@ pub fn parse(text: &str, file: &Path) -> Result<ChainDef, ChainError> {
             });
             NodeIndex::new(0)
         }
-    };
-
-    for connection in export.metadata.connections.unwrap_or_default() {
-        if let Some((from, to)) = check_connection(&graph, &connection, &mut problems) {
-            graph.add_edge(from, to, connection.relation);
-        }
     }
-
-    if petgraph::algo::is_cyclic_directed(&graph) {
-        let cycle: Vec<String> = petgraph::algo::kosaraju_scc(&graph)
-            .into_iter()
-            .filter(|scc| scc.len() > 1)
-            .flatten()
-            .map(|i| graph[i].label())
-            .collect();
-        problems.push(ChainProblem {
-            node: None,
-            reason: format!("the connections form a cycle through {}", cycle.join(", ")),
-        });
-    }
-
-    if !problems.is_empty() {
-        return Err(ChainError {
-            file: file.to_path_buf(),
-            problems,
-        });
-    }
-    Ok(ChainDef {
-        file: file.to_path_buf(),
-        name,
-        first,
-        graph,
-    })
 }
 
 fn check_connection(
@@ -248,18 +416,86 @@ fn check_connection(
         return None;
     }
     let node = &graph[from];
-    if !matches!(node.kind, NodeKind::Invalid) && !node.kind.emits(&connection.relation) {
-        problems.push(ChainProblem {
-            node: Some(node.label()),
-            reason: format!(
-                "{describe}: this node never emits {:?} (it emits {})",
-                connection.relation,
-                node.kind.relations().join(", ")
-            ),
-        });
-        return None;
+    if let Relations::Fixed(relations) = node.kind.relations() {
+        if !matches!(node.kind, NodeKind::Invalid)
+            && !relations
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&connection.relation))
+        {
+            problems.push(ChainProblem {
+                node: Some(node.label()),
+                reason: format!(
+                    "{describe}: this node never emits {:?} (it emits {})",
+                    connection.relation,
+                    relations.join(", ")
+                ),
+            });
+            return None;
+        }
     }
     Some((from, to))
+}
+
+/// A legacy connection to another chain becomes an edge to a rule chain
+/// node of its own.
+fn add_chain_hop(
+    graph: &mut DiGraph<NodeDef, String>,
+    hop: RawChainConnection,
+    problems: &mut Vec<ChainProblem>,
+) {
+    let count = graph.node_count() as i64;
+    if hop.from_index < 0 || hop.from_index >= count {
+        problems.push(ChainProblem {
+            node: None,
+            reason: format!(
+                "ruleChainConnections entry from {} points outside the {count} nodes (dangling index)",
+                hop.from_index
+            ),
+        });
+        return;
+    }
+    let Some(target) = id_text(&hop.target) else {
+        problems.push(ChainProblem {
+            node: None,
+            reason: "a ruleChainConnections entry has no targetRuleChainId".into(),
+        });
+        return;
+    };
+    let from = NodeIndex::new(hop.from_index as usize);
+    let index = graph.node_count();
+    let to = graph.add_node(NodeDef {
+        index,
+        name: format!("to rule chain {target}"),
+        type_name: "org.thingsboard.rule.engine.flow.TbRuleChainInputNode".into(),
+        kind: NodeKind::RuleChain(super::nodes::rule_chain::Config { target }),
+        debug: DebugSettings::default(),
+        layout: None,
+    });
+    graph.add_edge(from, to, hop.relation);
+}
+
+fn check_acyclic(graph: &DiGraph<NodeDef, String>, problems: &mut Vec<ChainProblem>) {
+    if !petgraph::algo::is_cyclic_directed(graph) {
+        return;
+    }
+    let cycle: Vec<String> = petgraph::algo::kosaraju_scc(graph)
+        .into_iter()
+        .filter(|scc| scc.len() > 1)
+        .flatten()
+        .map(|i| graph[i].label())
+        .collect();
+    problems.push(ChainProblem {
+        node: None,
+        reason: format!("the connections form a cycle through {}", cycle.join(", ")),
+    });
+}
+
+/// FNV-1a over the file's text: stable across runs, enough to tell an
+/// edited file from an untouched one.
+pub fn content_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -273,6 +509,10 @@ mod tests {
         )
     }
 
+    fn parse_ok(text: &str) -> ChainDef {
+        parse(text, Path::new("t.json"), UnknownNodes::Reject).unwrap()
+    }
+
     const SWITCH: &str = r#"{"type": "org.thingsboard.rule.engine.filter.TbMsgTypeSwitchNode", "name": "switch", "configuration": {"version": 0}}"#;
     const SAVE: &str = r#"{"type": "org.thingsboard.rule.engine.telemetry.TbMsgTimeseriesNode", "name": "save", "configuration": {"defaultTTL": 0}}"#;
 
@@ -282,8 +522,9 @@ mod tests {
             &format!("{SWITCH},{SAVE}"),
             r#"{"fromIndex": 0, "toIndex": 1, "type": "Post telemetry"}"#,
         );
-        let def = parse(&text, Path::new("t.json")).unwrap();
+        let def = parse_ok(&text);
         assert_eq!(def.graph.edge_count(), 1);
+        assert_eq!(def.id, "t");
     }
 
     #[test]
@@ -295,7 +536,7 @@ mod tests {
                {"fromIndex": 1, "toIndex": 1, "type": "Success"},
                {"fromIndex": 0, "toIndex": 1, "type": "Telemetry please"}"#,
         );
-        let err = parse(&text, Path::new("bad.json")).unwrap_err();
+        let err = parse(&text, Path::new("bad.json"), UnknownNodes::Reject).unwrap_err();
         let text = err.to_string();
         assert_eq!(err.problems.len(), 4, "{text}");
         assert!(text.contains("bad.json"));
@@ -309,13 +550,49 @@ mod tests {
     }
 
     #[test]
+    fn unknown_nodes_may_be_let_through_to_failure() {
+        let unknown = r#"{"type": "org.thingsboard.rule.engine.Nope", "name": "mystery"}"#;
+        let text = chain(
+            &format!("{unknown},{SAVE}"),
+            r#"{"fromIndex": 0, "toIndex": 1, "type": "Failure"}"#,
+        );
+        let def = parse(&text, Path::new("u.json"), UnknownNodes::Failure).unwrap();
+        assert!(matches!(
+            def.graph[NodeIndex::new(0)].kind,
+            NodeKind::Unsupported(_)
+        ));
+    }
+
+    #[test]
     fn cycles_are_rejected() {
         let log = r#"{"type": "org.thingsboard.rule.engine.action.TbLogNode", "name": "log", "configuration": {}}"#;
         let text = chain(
             &format!("{log},{log}"),
             r#"{"fromIndex": 0, "toIndex": 1, "type": "Success"}, {"fromIndex": 1, "toIndex": 0, "type": "Success"}"#,
         );
-        let err = parse(&text, Path::new("c.json")).unwrap_err();
+        let err = parse(&text, Path::new("c.json"), UnknownNodes::Reject).unwrap_err();
         assert!(err.to_string().contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn export_details_are_kept() {
+        let text = r#"{"ruleChain": {"id": {"entityType": "RULE_CHAIN", "id": "abc"}, "name": "n",
+            "debugMode": false},
+          "metadata": {"firstNodeIndex": 0, "nodes": [
+            {"type": "org.thingsboard.rule.engine.action.TbLogNode", "name": "a",
+             "configurationVersion": 1, "debugSettings": {"failuresEnabled": true, "allEnabled": false,
+             "allEnabledUntil": 0}, "additionalInfo": {"layoutX": 10, "layoutY": 20.5},
+             "configuration": {}, "someFutureField": 1}],
+          "connections": [],
+          "ruleChainConnections": [{"fromIndex": 0, "targetRuleChainId": {"entityType": "RULE_CHAIN", "id": "other"},
+             "additionalInfo": {}, "type": "Success"}]}}"#;
+        let def = parse_ok(text);
+        assert_eq!(def.id, "abc");
+        let node = &def.graph[NodeIndex::new(0)];
+        assert_eq!(node.layout, Some((10.0, 20.5)));
+        assert!(node.debug.failures && !node.debug.all);
+        let hop = &def.graph[NodeIndex::new(1)];
+        assert!(matches!(&hop.kind, NodeKind::RuleChain(c) if c.target == "other"));
+        assert_eq!(def.graph.edge_count(), 1);
     }
 }

@@ -207,6 +207,11 @@ impl JsRuntime {
         self.engine.functions.contains_key(key)
     }
 
+    /// Forgets the compiled function of `key`.
+    pub fn remove(&mut self, key: &str) {
+        self.engine.functions.remove(key);
+    }
+
     /// Forgets every compiled function whose key starts with `prefix`.
     pub fn forget(&mut self, prefix: &str) {
         self.engine.functions.retain(|k, _| !k.starts_with(prefix));

@@ -29,8 +29,11 @@ pub use uplink::Uplink;
 pub enum ScriptKind {
     Decoder,
     Encoder,
-    /// A rule node's script: `function(msg, metadata, msgType)`.
-    RuleNode,
+    /// A rule node's script: `function Name(msg, metadata, msgType)`.
+    RuleNode(&'static str),
+    /// A generator node's script: `function Generate(prevMsg,
+    /// prevMetadata, prevMsgType)`.
+    Generator,
 }
 
 impl ScriptKind {
@@ -38,7 +41,8 @@ impl ScriptKind {
         match self {
             ScriptKind::Decoder => ("Decoder", "payload, metadata"),
             ScriptKind::Encoder => ("Encoder", "msg, metadata, msgType, integrationMetadata"),
-            ScriptKind::RuleNode => ("RuleNodeScript", "msg, metadata, msgType"),
+            ScriptKind::RuleNode(name) => (name, "msg, metadata, msgType"),
+            ScriptKind::Generator => ("Generate", "prevMsg, prevMetadata, prevMsgType"),
         }
     }
 }
@@ -55,6 +59,22 @@ pub struct Script {
 }
 
 static NEXT_SCRIPT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Ids of scripts that were dropped (replaced by a reload), so that every
+/// worker forgets their compiled functions; `RETIRED_COUNT` lets a worker
+/// see that there is something new without taking the lock.
+static RETIRED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+static RETIRED_COUNT: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        RETIRED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.id);
+        RETIRED_COUNT.fetch_add(1, Ordering::Release);
+    }
+}
 
 impl Script {
     pub fn new(
@@ -82,6 +102,23 @@ impl Script {
         let (name, params) = self.kind.signature();
         runtime.compile("check", &self.origin, name, params, &self.body)
     }
+}
+
+/// Compiles scripts in one throw-away runtime; returns the index and error
+/// of each that does not compile.
+pub fn check_all(scripts: &[&Script], limits: JsLimits) -> Result<Vec<(usize, JsError)>, JsError> {
+    if scripts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut runtime = JsRuntime::new(limits)?;
+    let mut errors = Vec::new();
+    for (i, script) in scripts.iter().enumerate() {
+        let (name, params) = script.kind.signature();
+        if let Err(e) = runtime.compile("check", &script.origin, name, params, &script.body) {
+            errors.push((i, e));
+        }
+    }
+    Ok(errors)
 }
 
 /// Why a converter could not produce a result.
@@ -142,6 +179,8 @@ impl Message for RunScript {
 /// A converter worker: one thread, one QuickJS runtime.
 pub struct ConverterWorker {
     runtime: JsRuntime,
+    /// How many entries of `RETIRED` this worker has forgotten.
+    retired_seen: usize,
 }
 
 impl Actor for ConverterWorker {
@@ -152,6 +191,7 @@ impl ConverterWorker {
     pub fn new(limits: JsLimits) -> Result<Self, JsError> {
         Ok(ConverterWorker {
             runtime: JsRuntime::new(limits)?,
+            retired_seen: 0,
         })
     }
 
@@ -163,6 +203,7 @@ impl ConverterWorker {
     }
 
     fn ensure_compiled(&mut self, script: &Script) -> Result<String, JsError> {
+        self.forget_retired();
         let key = script.id.to_string();
         if !self.runtime.is_compiled(&key) {
             let (name, params) = script.kind.signature();
@@ -170,6 +211,20 @@ impl ConverterWorker {
                 .compile(&key, &script.origin, name, params, &script.body)?;
         }
         Ok(key)
+    }
+}
+
+impl ConverterWorker {
+    /// Drops the compiled functions of scripts no set uses any more.
+    fn forget_retired(&mut self) {
+        if RETIRED_COUNT.load(Ordering::Acquire) as usize == self.retired_seen {
+            return;
+        }
+        let retired = RETIRED.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &retired[self.retired_seen..] {
+            self.runtime.remove(&id.to_string());
+        }
+        self.retired_seen = retired.len();
     }
 }
 

@@ -22,6 +22,7 @@ use rand::Rng;
 use super::reader::{Fetched, Position, RawRecord, ReadError};
 use super::window::Window;
 use super::Integration;
+use crate::chain::RuleSet;
 use crate::convert::{ConvertError, Decode, DecodeInput, Uplink};
 use crate::delivery::{CompletionSink, SourceRecord, Ticket};
 use crate::status::ShardState;
@@ -65,6 +66,8 @@ pub struct ShardConsumer {
     batches_sent: u64,
     next_batch: u64,
     converted: BTreeMap<u64, ConvertedBatch>,
+    /// Version of the rule set of the records last handed to the chain.
+    forwarded_version: u64,
     written_checkpoint: Option<String>,
     drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     poll_scheduled: bool,
@@ -73,6 +76,8 @@ pub struct ShardConsumer {
 }
 
 struct ConvertedBatch {
+    /// The rule set the batch was decoded with and enters the chain with.
+    set: Arc<RuleSet>,
     records: Vec<(u64, Arc<SourceRecord>)>,
     results: Vec<Result<Vec<Uplink>, ConvertError>>,
 }
@@ -104,6 +109,7 @@ impl ShardConsumer {
             batches_sent: 0,
             next_batch: 0,
             converted: BTreeMap::new(),
+            forwarded_version: 0,
             written_checkpoint: checkpoint,
             drain_waiters: Vec::new(),
             poll_scheduled: false,
@@ -367,6 +373,7 @@ impl ShardConsumer {
 
         // Small decode jobs spread a fetch over the converter workers and
         // let the first records enter the chain before the last are decoded.
+        let (set, decoder) = self.integration.decoder();
         let mut inputs = inputs.into_iter();
         let mut batch = batch.into_iter();
         loop {
@@ -375,10 +382,10 @@ impl ShardConsumer {
                 break;
             }
             let job = Decode {
-                script: self.integration.decoder(),
+                script: decoder.clone(),
                 records: inputs.by_ref().take(records.len()).collect(),
             };
-            self.send_decode(job, records, ctx);
+            self.send_decode(job, records, set.clone(), ctx);
         }
         Ok(())
     }
@@ -387,6 +394,7 @@ impl ShardConsumer {
         &mut self,
         job: Decode,
         records: Vec<(u64, Arc<SourceRecord>)>,
+        set: Arc<RuleSet>,
         ctx: &mut Context<Self>,
     ) {
         let number = self.batches_sent;
@@ -398,17 +406,42 @@ impl ShardConsumer {
                 .map(move |result, consumer, ctx| {
                     let results =
                         result.unwrap_or_else(|_| vec![Err(ConvertError::PoolGone); records.len()]);
-                    consumer
-                        .converted
-                        .insert(number, ConvertedBatch { records, results });
+                    consumer.converted.insert(
+                        number,
+                        ConvertedBatch {
+                            set,
+                            records,
+                            results,
+                        },
+                    );
                     consumer.forward(ctx);
                 }),
         );
     }
 
-    /// Sends converted batches to the chain, strictly in fetch order.
+    /// Sends converted batches to the chain, strictly in fetch order. The
+    /// first batch of a new rule set waits until every earlier record is
+    /// done, so a reload cannot let a record overtake an earlier one of
+    /// the shard through the new chain's actors.
     fn forward(&mut self, ctx: &mut Context<Self>) {
-        while let Some(batch) = self.converted.remove(&self.next_batch) {
+        while let Some(next) = self.converted.get(&self.next_batch) {
+            let version = next.set.version;
+            if version != self.forwarded_version {
+                let first = next.records.first().map(|(index, _)| *index);
+                let earlier_pending = self
+                    .window
+                    .first_pending()
+                    .zip(first)
+                    .is_some_and(|(pending, first)| pending < first);
+                if earlier_pending {
+                    return;
+                }
+                self.forwarded_version = version;
+            }
+            let batch = self
+                .converted
+                .remove(&self.next_batch)
+                .expect("the batch was just seen");
             self.next_batch += 1;
             for ((index, source), result) in batch.records.into_iter().zip(batch.results) {
                 if matches!(result, Err(ConvertError::PoolGone)) {
@@ -419,18 +452,24 @@ impl ShardConsumer {
                 }
                 let ticket = Ticket::new(index, self.sink(ctx), source.clone());
                 match result {
-                    Ok(uplinks) => self.submit(&uplinks, &source, ticket),
+                    Ok(uplinks) => self.submit(&uplinks, &source, ticket, &batch.set),
                     Err(e) => self.dead_letter(&source, ticket, e.to_string()),
                 }
             }
         }
     }
 
-    fn submit(&self, uplinks: &[Uplink], source: &SourceRecord, ticket: Ticket) {
+    fn submit(
+        &self,
+        uplinks: &[Uplink],
+        source: &SourceRecord,
+        ticket: Ticket,
+        set: &Arc<RuleSet>,
+    ) {
         match crate::ingest::uplink_messages(uplinks, source, &self.integration.store, &ticket) {
             Ok(messages) => {
                 for msg in messages {
-                    self.integration.engine.submit(msg, ticket.clone());
+                    set.submit(msg, ticket.clone());
                 }
             }
             Err(e) => self.dead_letter(source, ticket, format!("cannot store the device: {e}")),
@@ -627,6 +666,10 @@ impl Handler<RecordsDone> for ShardConsumer {
                 return;
             }
             self.record_done(index);
+        }
+        if !self.converted.is_empty() {
+            // A batch of a new rule set may be waiting for these.
+            self.forward(ctx);
         }
         if self.phase == Phase::Blocked && !self.window_full() {
             self.poll(ctx);

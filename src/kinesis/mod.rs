@@ -15,7 +15,7 @@ use actix::prelude::*;
 use aws_sdk_kinesis::types::Shard;
 use aws_sdk_kinesis::Client;
 
-use crate::chain::RuleEngine;
+use crate::chain::{RuleSet, Rules};
 use crate::config::{InitialPosition, IntegrationConfig, PipelineConfig};
 use crate::convert::{ConverterWorker, Script};
 use crate::status::StatusBoard;
@@ -28,10 +28,10 @@ pub struct Integration {
     pub config: IntegrationConfig,
     pub pipeline: PipelineConfig,
     pub reader: Arc<dyn ShardReader>,
-    pub decoder: Arc<Script>,
     pub js: Addr<ConverterWorker>,
     pub store: Store,
-    pub engine: RuleEngine,
+    /// The running rule sets: chains and converters, hot-reloaded.
+    pub rules: Arc<Rules>,
     pub status: StatusBoard,
     /// The in-flight bound shared by every shard of every integration.
     pub budget: Arc<window::Budget>,
@@ -41,8 +41,16 @@ pub struct Integration {
 }
 
 impl Integration {
-    pub fn decoder(&self) -> Arc<Script> {
-        self.decoder.clone()
+    /// The rule set new records enter with, and its uplink converter for
+    /// this integration.
+    pub fn decoder(&self) -> (Arc<RuleSet>, Arc<Script>) {
+        let set = self.rules.current();
+        let decoder = set
+            .decoders
+            .get(&self.config.name)
+            .cloned()
+            .expect("every set has a decoder for every integration");
+        (set, decoder)
     }
 }
 

@@ -224,6 +224,12 @@ impl Window {
             .map(|s| s.sequence_number.as_str())
     }
 
+    /// The index of the oldest record not done; every record before it is
+    /// done.
+    pub fn first_pending(&self) -> Option<u64> {
+        (!self.slots.is_empty()).then_some(self.base)
+    }
+
     pub fn checkpoint(&self) -> Option<&str> {
         self.checkpoint.as_deref()
     }

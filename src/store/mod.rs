@@ -144,6 +144,37 @@ pub struct DeadLetter {
     pub arrival_ms: i64,
 }
 
+/// A rule node's debug event: a message in or out of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DebugEvent {
+    pub id: i64,
+    pub ts: i64,
+    pub chain: String,
+    pub node: String,
+    /// `IN` or `OUT`.
+    pub direction: String,
+    /// The relation an `OUT` event took.
+    pub relation: Option<String>,
+    pub msg_id: String,
+    pub msg_type: String,
+    pub originator: String,
+    pub data: String,
+    /// The message metadata, as a JSON object.
+    pub metadata: String,
+    pub error: Option<String>,
+}
+
+/// Which debug events to read.
+#[derive(Debug, Clone, Default)]
+pub struct DebugEventFilter {
+    /// Only those of this chain (by name).
+    pub chain: Option<String>,
+    /// Only those whose node label contains this text.
+    pub node: Option<String>,
+    pub limit: usize,
+}
+
 /// Which dead letters to read.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterFilter {
@@ -212,7 +243,7 @@ CREATE TABLE IF NOT EXISTS entities (
 );
 CREATE TABLE IF NOT EXISTS ts_kv (
     entity_id TEXT NOT NULL, key TEXT NOT NULL, ts INTEGER NOT NULL,
-    kind INTEGER NOT NULL, long_v INTEGER, dbl_v REAL, str_v TEXT,
+    kind INTEGER NOT NULL, long_v INTEGER, dbl_v REAL, str_v TEXT, expires_ms INTEGER,
     PRIMARY KEY (entity_id, key, ts)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ts_kv_latest (
@@ -235,6 +266,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS streams (
     application TEXT NOT NULL, stream TEXT NOT NULL, created_ms INTEGER NOT NULL,
     PRIMARY KEY (application, stream)
+);
+CREATE TABLE IF NOT EXISTS debug_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts INTEGER NOT NULL, chain TEXT NOT NULL, node TEXT NOT NULL,
+    direction TEXT NOT NULL, relation TEXT,
+    msg_id TEXT NOT NULL, msg_type TEXT NOT NULL, originator TEXT NOT NULL,
+    data TEXT NOT NULL, metadata TEXT NOT NULL, error TEXT
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -278,6 +316,11 @@ impl Store {
         let _ = write_conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN arrival_ms INTEGER");
         let _ =
             write_conn.execute_batch("ALTER TABLE checkpoints ADD COLUMN latest_from_ms INTEGER");
+        // Databases made before telemetry could expire.
+        let _ = write_conn.execute_batch("ALTER TABLE ts_kv ADD COLUMN expires_ms INTEGER");
+        write_conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS ts_kv_expiry ON ts_kv (expires_ms) WHERE expires_ms IS NOT NULL",
+        )?;
         let reader = open_connection(&path)?;
         let entities = load_entities(&reader)?;
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -589,6 +632,69 @@ impl Store {
         Ok(before - total(self)?)
     }
 
+    /// Debug events, newest first.
+    pub fn debug_events(&self, filter: &DebugEventFilter) -> Result<Vec<DebugEvent>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, ts, chain, node, direction, relation, msg_id, msg_type, originator,
+                        data, metadata, error
+                 FROM debug_events
+                 WHERE (?1 IS NULL OR chain = ?1) AND (?2 IS NULL OR instr(node, ?2) > 0)
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![filter.chain, filter.node, filter.limit as i64],
+                |row| {
+                    Ok(DebugEvent {
+                        id: row.get(0)?,
+                        ts: row.get(1)?,
+                        chain: row.get(2)?,
+                        node: row.get(3)?,
+                        direction: row.get(4)?,
+                        relation: row.get(5)?,
+                        msg_id: row.get(6)?,
+                        msg_type: row.get(7)?,
+                        originator: row.get(8)?,
+                        data: row.get(9)?,
+                        metadata: row.get(10)?,
+                        error: row.get(11)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
+
+    /// Deletes history values whose TTL has passed, in slices so other
+    /// writes are not held up; returns how many were deleted.
+    pub async fn purge_expired_telemetry(&self, now_ms: i64) -> Result<i64, StoreError> {
+        const SLICE: i64 = 5_000;
+        let expired = |store: &Store| {
+            store.read(|conn| {
+                conn.query_row(
+                    "SELECT count(*) FROM ts_kv WHERE expires_ms < ?1",
+                    params![now_ms],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+        };
+        let before = expired(self)?;
+        let mut left = before;
+        while left > 0 {
+            let write = Write::PurgeExpiredTelemetry {
+                now_ms,
+                limit: SLICE,
+            };
+            self.write(vec![write], None).await?;
+            let now = expired(self)?;
+            if now >= left {
+                break;
+            }
+            left = now;
+        }
+        Ok(before - left)
+    }
+
     /// Dead letters not replayed yet.
     pub fn dead_letter_count(&self) -> Result<i64, StoreError> {
         self.read(|conn| {
@@ -667,6 +773,8 @@ struct EntityCache {
     by_id: HashMap<Uuid, Entity>,
     devices: HashMap<String, Uuid>,
     assets: HashMap<String, Uuid>,
+    /// The tenant is no stored entity; no name finds it.
+    none: HashMap<String, Uuid>,
 }
 
 impl EntityCache {
@@ -674,6 +782,7 @@ impl EntityCache {
         match entity_type {
             EntityType::Device => &self.devices,
             EntityType::Asset => &self.assets,
+            EntityType::Tenant => &self.none,
         }
     }
 
@@ -687,6 +796,7 @@ impl EntityCache {
         let names = match entity.id.entity_type {
             EntityType::Device => &mut self.devices,
             EntityType::Asset => &mut self.assets,
+            EntityType::Tenant => return,
         };
         names.insert(entity.name.clone(), entity.id.id);
         self.by_id.insert(entity.id.id, entity);

@@ -25,12 +25,33 @@ pub enum Write {
         entity: EntityId,
         ts: i64,
         values: Vec<(String, KvValue)>,
+        /// When the history values may be purged (epoch ms); `None` keeps
+        /// them.
+        expires_ms: Option<i64>,
+        /// Whether the latest values are updated too.
+        latest: bool,
     },
     Attributes {
         entity: EntityId,
         scope: Scope,
         ts: i64,
         values: Vec<(String, KvValue)>,
+    },
+    /// Deletes attributes of a scope by key.
+    DeleteAttributes {
+        entity: EntityId,
+        scope: Scope,
+        keys: Vec<String>,
+    },
+    /// Deletes up to `limit` history values that expired before `now_ms`.
+    PurgeExpiredTelemetry {
+        now_ms: i64,
+        limit: i64,
+    },
+    DebugEvent(super::DebugEvent),
+    /// Keeps the newest `max_count` debug events.
+    TrimDebugEvents {
+        max_count: u64,
     },
     Checkpoint {
         application: String,
@@ -330,11 +351,17 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 e.created_time
             ])?;
         }
-        Write::Telemetry { entity, ts, values } => {
+        Write::Telemetry {
+            entity,
+            ts,
+            values,
+            expires_ms,
+            latest: with_latest,
+        } => {
             let id = entity.id.to_string();
             let mut history = conn.prepare_cached(
-                "INSERT OR REPLACE INTO ts_kv (entity_id, key, ts, kind, long_v, dbl_v, str_v)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR REPLACE INTO ts_kv (entity_id, key, ts, kind, long_v, dbl_v, str_v, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             // A latest value only moves forward in time.
             let mut latest = conn.prepare_cached(
@@ -347,9 +374,58 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             )?;
             for (key, value) in values {
                 let (kind, long_v, dbl_v, str_v) = value.columns();
-                history.execute(params![id, key, ts, kind, long_v, dbl_v, str_v])?;
-                latest.execute(params![id, key, ts, kind, long_v, dbl_v, str_v])?;
+                history.execute(params![id, key, ts, kind, long_v, dbl_v, str_v, expires_ms])?;
+                if *with_latest {
+                    latest.execute(params![id, key, ts, kind, long_v, dbl_v, str_v])?;
+                }
             }
+        }
+        Write::DeleteAttributes {
+            entity,
+            scope,
+            keys,
+        } => {
+            let mut stmt = conn.prepare_cached(
+                "DELETE FROM attributes WHERE entity_id = ?1 AND scope = ?2 AND key = ?3",
+            )?;
+            let id = entity.id.to_string();
+            for key in keys {
+                stmt.execute(params![id, scope.as_str(), key])?;
+            }
+        }
+        Write::PurgeExpiredTelemetry { now_ms, limit } => {
+            conn.prepare_cached(
+                "DELETE FROM ts_kv WHERE (entity_id, key, ts) IN
+                   (SELECT entity_id, key, ts FROM ts_kv WHERE expires_ms < ?1 LIMIT ?2)",
+            )?
+            .execute(params![now_ms, limit])?;
+        }
+        Write::DebugEvent(e) => {
+            conn.prepare_cached(
+                "INSERT INTO debug_events (ts, chain, node, direction, relation, msg_id, msg_type,
+                   originator, data, metadata, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                e.ts,
+                e.chain,
+                e.node,
+                e.direction,
+                e.relation,
+                e.msg_id,
+                e.msg_type,
+                e.originator,
+                e.data,
+                e.metadata,
+                e.error
+            ])?;
+        }
+        Write::TrimDebugEvents { max_count } => {
+            conn.prepare_cached(
+                "DELETE FROM debug_events WHERE id <=
+                   (SELECT id FROM debug_events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            )?
+            .execute(params![*max_count as i64])?;
         }
         Write::Attributes {
             entity,

@@ -1,6 +1,7 @@
 //! TbIntegrationDownlinkNode: encodes a message with the integration's
-//! downlink converter and puts the result on Kinesis. Success once every
-//! record was accepted by PutRecords; Failure with the reason otherwise.
+//! downlink converter (the one of the message's rule set) and puts the
+//! result on Kinesis. Success once every record was accepted by
+//! PutRecords; Failure with the reason otherwise.
 
 use std::collections::BTreeMap;
 
@@ -34,16 +35,16 @@ impl Config {
 }
 
 pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutput {
-    let target = match services.downlink(&config.integration) {
-        Ok(target) => target,
+    let (integration, path) = match services.downlink(&config.integration, &env.set) {
+        Ok(found) => found,
         Err(reason) => return NodeOutput::Now(vec![failure(env, reason)]),
     };
     let js = services.js.clone();
     NodeOutput::Later(Box::pin(async move {
         let mut integration_metadata = BTreeMap::new();
-        integration_metadata.insert("integrationName".to_string(), target.integration.clone());
+        integration_metadata.insert("integrationName".to_string(), integration);
         let job = Encode {
-            script: target.encoder.clone(),
+            script: path.encoder.clone(),
             data: env.msg.data.clone(),
             metadata: env.msg.metadata.clone(),
             msg_type: env.msg.msg_type.clone(),
@@ -54,7 +55,7 @@ pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutpu
             Ok(Err(e)) => return vec![failure(env, format!("downlink converter failed: {e}"))],
             Err(e) => return vec![failure(env, format!("converter pool unavailable: {e}"))],
         };
-        match target.sender.send(records).await {
+        match path.sender.send(records).await {
             Ok(()) => vec![success(env)],
             Err(e) => vec![failure(env, format!("downlink not sent: {e}"))],
         }

@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 
-use super::{failure, store_and_emit, NodeInfo, NodeOutput};
-use crate::chain::{Envelope, Services};
+use super::{failure, store_and_emit, NodeCtx, NodeOutput};
+use crate::chain::Envelope;
 use crate::msg::{now_millis, POST_ATTRIBUTES_REQUEST};
 use crate::store::{Scope, Write};
 
@@ -25,7 +25,7 @@ impl Config {
     }
 }
 
-pub fn process(config: &Config, env: Envelope, services: &Services, node: &NodeInfo) -> NodeOutput {
+pub fn process(config: &Config, env: Envelope, ctx: &NodeCtx<'_>) -> NodeOutput {
     if env.msg.msg_type != POST_ATTRIBUTES_REQUEST {
         let reason = format!("unsupported message type {}", env.msg.msg_type);
         return NodeOutput::Now(vec![failure(env, reason)]);
@@ -44,5 +44,5 @@ pub fn process(config: &Config, env: Envelope, services: &Services, node: &NodeI
         ts: now_millis(),
         values,
     };
-    store_and_emit(vec![write], env, services, node, "attributes")
+    store_and_emit(vec![write], env, ctx, "attributes")
 }
