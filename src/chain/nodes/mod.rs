@@ -252,7 +252,7 @@ impl NodeKind {
                 .collect(),
             NodeKind::JsFilter(_) | NodeKind::CheckMessage(_) => vec!["True", "False", FAILURE],
             NodeKind::JsSwitch(_) | NodeKind::RuleChain(_) => return Relations::Any,
-            NodeKind::Output | NodeKind::MsgCount(_) => vec![],
+            NodeKind::Output => vec![],
             NodeKind::Unsupported(_) => vec![FAILURE],
             NodeKind::Invalid => Vec::new(),
             _ => vec![SUCCESS, FAILURE],
