@@ -16,9 +16,21 @@ fn caller() -> String {
     chain(
         "Root",
         &[
-            ("filter.TbMsgTypeSwitchNode", "switch", json!({"version": 0})),
-            ("flow.TbRuleChainInputNode", "convert", json!({"ruleChainId": "unit_conversion"})),
-            ("flow.TbRuleChainInputNode", "alarm", json!({"ruleChainId": "threshold_alarm"})),
+            (
+                "filter.TbMsgTypeSwitchNode",
+                "switch",
+                json!({"version": 0}),
+            ),
+            (
+                "flow.TbRuleChainInputNode",
+                "convert",
+                json!({"ruleChainId": "unit_conversion"}),
+            ),
+            (
+                "flow.TbRuleChainInputNode",
+                "alarm",
+                json!({"ruleChainId": "threshold_alarm"}),
+            ),
         ],
         &[(0, 1, "Post telemetry"), (1, 2, "Converted")],
     )
@@ -51,16 +63,30 @@ async fn unit_conversion_then_threshold_alarm() {
         values: vec![("temperatureThreshold".into(), KvValue::Long(35))],
     };
     engine.store.write(vec![threshold], None).await.unwrap();
-    assert!(engine.telemetry(&tolerant, json!({"temperature": 30})).await);
+    assert!(
+        engine
+            .telemetry(&tolerant, json!({"temperature": 30}))
+            .await
+    );
     assert_eq!(engine.latest(tolerant.id)["temperature"], json!(30));
-    assert_eq!(engine.attributes(tolerant.id, Scope::Server)["alarm"], json!("NONE"));
+    assert_eq!(
+        engine.attributes(tolerant.id, Scope::Server)["alarm"],
+        json!("NONE")
+    );
 
     // Celsius passes through unchanged; cool is no alarm.
     let cool = engine.device("cool");
     assert!(engine.telemetry(&cool, json!({"temperature": 20.5})).await);
     assert_eq!(engine.latest(cool.id)["temperature"], json!(20.5));
-    assert_eq!(engine.attributes(cool.id, Scope::Server)["alarm"], json!("NONE"));
-    assert!(engine.dead_letter_errors().is_empty(), "{:?}", engine.dead_letter_errors());
+    assert_eq!(
+        engine.attributes(cool.id, Scope::Server)["alarm"],
+        json!("NONE")
+    );
+    assert!(
+        engine.dead_letter_errors().is_empty(),
+        "{:?}",
+        engine.dead_letter_errors()
+    );
 }
 
 #[test]
@@ -74,6 +100,9 @@ fn the_shipped_rule_chain_directory_loads_as_one_set() {
     let source = shardflow::chain::set::load(&config, None).unwrap_or_else(|p| panic!("{p:#?}"));
     let mut names: Vec<&str> = source.chains.iter().map(|c| c.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["Root Rule Chain", "Threshold Alarm", "Unit Conversion"]);
+    assert_eq!(
+        names,
+        ["Root Rule Chain", "Threshold Alarm", "Unit Conversion"]
+    );
     assert_eq!(source.chains[source.root].name, "Root Rule Chain");
 }

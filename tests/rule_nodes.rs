@@ -25,8 +25,16 @@ async fn script_filter_routes_true_and_false() {
     let root = chain(
         "filter",
         &[
-            js("filter.TbJsFilterNode", "hot", "return msg.temperature > 25;"),
-            (SAVE_ATTRIBUTES, "hot attr", json!({"scope": "SERVER_SCOPE"})),
+            js(
+                "filter.TbJsFilterNode",
+                "hot",
+                "return msg.temperature > 25;",
+            ),
+            (
+                SAVE_ATTRIBUTES,
+                "hot attr",
+                json!({"scope": "SERVER_SCOPE"}),
+            ),
             save(),
             js(
                 "transform.TbTransformMsgNode",
@@ -58,7 +66,10 @@ async fn a_filter_returning_no_boolean_fails_with_the_reason() {
     assert!(engine.telemetry(&device, json!({"t": 1})).await);
     let errors = engine.dead_letter_errors();
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].contains("must return true or false"), "{errors:?}");
+    assert!(
+        errors[0].contains("must return true or false"),
+        "{errors:?}"
+    );
 }
 
 #[actix_rt::test]
@@ -83,7 +94,12 @@ async fn script_switch_sends_a_copy_along_each_relation() {
             ),
             save(),
         ],
-        &[(0, 1, "A"), (0, 2, "B"), (1, 3, "Success"), (2, 3, "Success")],
+        &[
+            (0, 1, "A"),
+            (0, 2, "B"),
+            (1, 3, "Success"),
+            (2, 3, "Success"),
+        ],
     );
     let engine = Engine::start(&[("root.json", root)]);
     let device = engine.device("d");
@@ -121,13 +137,21 @@ async fn a_throwing_script_goes_to_failure_with_the_error_in_metadata() {
     let root = chain(
         "throws",
         &[
-            js("transform.TbTransformMsgNode", "boom", "throw new Error('no way');"),
+            js(
+                "transform.TbTransformMsgNode",
+                "boom",
+                "throw new Error('no way');",
+            ),
             js(
                 "transform.TbTransformMsgNode",
                 "keep error",
                 "return {msg: {error: metadata.error}, msgType: 'POST_ATTRIBUTES_REQUEST'};",
             ),
-            (SAVE_ATTRIBUTES, "save error", json!({"scope": "SERVER_SCOPE"})),
+            (
+                SAVE_ATTRIBUTES,
+                "save error",
+                json!({"scope": "SERVER_SCOPE"}),
+            ),
         ],
         &[(0, 1, "Failure"), (1, 2, "Success")],
     );
@@ -205,16 +229,28 @@ async fn check_message_rename_copy_and_delete_keys() {
             ),
             save(),
         ],
-        &[(0, 1, "True"), (1, 2, "Success"), (2, 3, "Success"), (3, 4, "Success")],
+        &[
+            (0, 1, "True"),
+            (1, 2, "Success"),
+            (2, 3, "Success"),
+            (3, 4, "Success"),
+        ],
     );
     let engine = Engine::start(&[("root.json", root)]);
     let device = engine.device("kitchen");
-    assert!(engine.telemetry(&device, json!({"temp": 21, "secret": "x"})).await);
+    assert!(
+        engine
+            .telemetry(&device, json!({"temp": 21, "secret": "x"}))
+            .await
+    );
     let latest = engine.latest(device.id);
     assert_eq!(latest["temperature"], json!(21));
     assert_eq!(latest["deviceName"], json!("kitchen"));
     assert_eq!(latest["deviceType"], json!("thermostat"));
-    assert!(!latest.contains_key("temp") && !latest.contains_key("secret"), "{latest:?}");
+    assert!(
+        !latest.contains_key("temp") && !latest.contains_key("secret"),
+        "{latest:?}"
+    );
 
     // No `temp`: False, which goes nowhere.
     let other = engine.device("other");
@@ -249,7 +285,10 @@ async fn originator_type_switch_and_change_originator() {
     let lonely = engine.device("lonely");
     assert!(engine.telemetry(&lonely, json!({"t": 5})).await);
     let errors = engine.dead_letter_errors();
-    assert!(errors.iter().any(|e| e.contains("\"lonely-gw\"")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("\"lonely-gw\"")),
+        "{errors:?}"
+    );
 }
 
 #[actix_rt::test]
@@ -372,7 +411,10 @@ async fn delete_attributes_with_a_notification_into_the_root_chain() {
                 scope: Scope::Shared,
                 ts: 1,
                 values: vec![
-                    ("version".into(), shardflow::store::KvValue::Str("v1".into())),
+                    (
+                        "version".into(),
+                        shardflow::store::KvValue::Str("v1".into()),
+                    ),
                     ("color".into(), shardflow::store::KvValue::Str("red".into())),
                     ("keep".into(), shardflow::store::KvValue::Bool(true)),
                 ],
@@ -396,7 +438,11 @@ async fn message_count_reports_counts_as_tenant_telemetry() {
     let root = chain(
         "count",
         &[
-            ("action.TbMsgCountNode", "count", json!({"interval": 1, "telemetryPrefix": "messageCount"})),
+            (
+                "action.TbMsgCountNode",
+                "count",
+                json!({"interval": 1, "telemetryPrefix": "messageCount"}),
+            ),
             save(),
         ],
         &[(0, 1, "Success")],
@@ -439,10 +485,14 @@ async fn a_generator_makes_messages_from_its_previous_one() {
     );
     let engine = Engine::start(&[("root.json", root)]);
     let tenant = EntityId::tenant();
-    common::wait_for("three generated messages", Duration::from_secs(15), || async {
-        let latest = engine.latest(tenant);
-        (latest.get("n") == Some(&json!(3))).then_some(())
-    })
+    common::wait_for(
+        "three generated messages",
+        Duration::from_secs(15),
+        || async {
+            let latest = engine.latest(tenant);
+            (latest.get("n") == Some(&json!(3))).then_some(())
+        },
+    )
     .await;
     // msgCount is a limit: no fourth.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -467,7 +517,11 @@ async fn a_rule_chain_node_calls_another_chain_and_gets_its_output_back() {
     let root = chain(
         "Root",
         &[
-            ("flow.TbRuleChainInputNode", "call helper", json!({"ruleChainId": "helper"})),
+            (
+                "flow.TbRuleChainInputNode",
+                "call helper",
+                json!({"ruleChainId": "helper"}),
+            ),
             save(),
         ],
         &[(0, 1, "Doubled")],
@@ -494,9 +548,15 @@ async fn rest_api_call_sends_the_message_and_takes_the_answer() {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
-                    recorded.lock().unwrap().push((uri.path().to_string(), auth, body));
+                    recorded
+                        .lock()
+                        .unwrap()
+                        .push((uri.path().to_string(), auth, body));
                     if uri.path().ends_with("/fail") {
-                        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "broken".to_string())
+                        (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "broken".to_string(),
+                        )
                     } else {
                         (axum::http::StatusCode::OK, r#"{"answer": 42}"#.to_string())
                     }
@@ -517,7 +577,11 @@ async fn rest_api_call_sends_the_message_and_takes_the_answer() {
     let root = chain(
         "rest",
         &[
-            ("filter.TbCheckMessageNode", "fail?", json!({"messageNames": ["fail"]})),
+            (
+                "filter.TbCheckMessageNode",
+                "fail?",
+                json!({"messageNames": ["fail"]}),
+            ),
             ("rest.TbRestApiCallNode", "ok call", call("ok")),
             ("rest.TbRestApiCallNode", "failing call", call("fail")),
             save(),
@@ -527,7 +591,13 @@ async fn rest_api_call_sends_the_message_and_takes_the_answer() {
                 "return {msg: {code: metadata.statusCode, body: metadata.error_body}};",
             ),
         ],
-        &[(0, 1, "False"), (0, 2, "True"), (1, 3, "Success"), (2, 4, "Failure"), (4, 3, "Success")],
+        &[
+            (0, 1, "False"),
+            (0, 2, "True"),
+            (1, 3, "Success"),
+            (2, 4, "Failure"),
+            (4, 3, "Success"),
+        ],
     );
     let engine = Engine::start(&[("root.json", root)]);
     let ok = engine.device("ok-device");
@@ -542,12 +612,19 @@ async fn rest_api_call_sends_the_message_and_takes_the_answer() {
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0].0, "/devices/ok-device/ok");
     assert_eq!(seen[0].1, "Basic dTpw");
-    assert_eq!(serde_json::from_str::<Value>(&seen[0].2).unwrap(), json!({"t": 1}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&seen[0].2).unwrap(),
+        json!({"t": 1})
+    );
 }
 
 #[actix_rt::test]
 async fn telemetry_with_a_ttl_is_purged_and_the_latest_value_kept() {
-    let root = chain("ttl", &[(SAVE_TIMESERIES, "save", json!({"defaultTTL": 3600}))], &[]);
+    let root = chain(
+        "ttl",
+        &[(SAVE_TIMESERIES, "save", json!({"defaultTTL": 3600}))],
+        &[],
+    );
     let engine = Engine::start(&[("root.json", root)]);
     let device = engine.device("d");
     let now = shardflow::msg::now_millis();
@@ -555,17 +632,35 @@ async fn telemetry_with_a_ttl_is_purged_and_the_latest_value_kept() {
     let old = json!({"ts": now - 7_200_000, "values": {"t": 1}});
     assert!(engine.telemetry(&device, old).await);
     // The message's TTL metadata wins over the default.
-    let mut kept = message(&device, "POST_TELEMETRY_REQUEST", json!({"ts": now - 7_000_000, "values": {"u": 2}}));
+    let mut kept = message(
+        &device,
+        "POST_TELEMETRY_REQUEST",
+        json!({"ts": now - 7_000_000, "values": {"u": 2}}),
+    );
     kept.metadata.insert("TTL".into(), "86400".into());
     assert!(engine.send(kept).await);
     let fresh = json!({"ts": now, "values": {"t": 3}});
     assert!(engine.telemetry(&device, fresh).await);
 
-    let purged = engine.store.purge_expired_telemetry(shardflow::msg::now_millis()).await.unwrap();
+    let purged = engine
+        .store
+        .purge_expired_telemetry(shardflow::msg::now_millis())
+        .await
+        .unwrap();
     assert_eq!(purged, 1);
-    let history = engine.store.history(device.id, "t", 0, i64::MAX, 10).unwrap();
+    let history = engine
+        .store
+        .history(device.id, "t", 0, i64::MAX, 10)
+        .unwrap();
     assert_eq!(history.len(), 1);
-    assert_eq!(engine.store.history(device.id, "u", 0, i64::MAX, 10).unwrap().len(), 1);
+    assert_eq!(
+        engine
+            .store
+            .history(device.id, "u", 0, i64::MAX, 10)
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(engine.latest(device.id)["t"], json!(3));
 }
 
@@ -573,7 +668,10 @@ async fn telemetry_with_a_ttl_is_purged_and_the_latest_value_kept() {
 async fn debug_events_record_what_went_in_and_out() {
     let mut root: Value = serde_json::from_str(&chain(
         "debugged",
-        &[js("filter.TbJsFilterNode", "watched", "return msg.t > 1;"), save()],
+        &[
+            js("filter.TbJsFilterNode", "watched", "return msg.t > 1;"),
+            save(),
+        ],
         &[(0, 1, "True")],
     ))
     .unwrap();

@@ -123,7 +123,8 @@ impl Engine {
 
     /// Sends telemetry-shaped `data` from `device`, as POST_TELEMETRY_REQUEST.
     pub async fn telemetry(&self, device: &Entity, data: Value) -> bool {
-        self.send(message(device, "POST_TELEMETRY_REQUEST", data)).await
+        self.send(message(device, "POST_TELEMETRY_REQUEST", data))
+            .await
     }
 
     /// The latest telemetry of an entity as key -> JSON value.
@@ -136,7 +137,11 @@ impl Engine {
             .collect()
     }
 
-    pub fn attributes(&self, entity: EntityId, scope: shardflow::store::Scope) -> BTreeMap<String, Value> {
+    pub fn attributes(
+        &self,
+        entity: EntityId,
+        scope: shardflow::store::Scope,
+    ) -> BTreeMap<String, Value> {
         self.store
             .attributes(entity, scope, &[])
             .unwrap()
@@ -164,7 +169,13 @@ pub fn message(entity: &Entity, msg_type: &str, data: Value) -> TbMsg {
     let mut metadata = BTreeMap::new();
     metadata.insert("deviceName".to_string(), entity.name.clone());
     metadata.insert("deviceType".to_string(), entity.profile.clone());
-    TbMsg::new(msg_type, entity.id, metadata, data.to_string(), shardflow::msg::now_millis())
+    TbMsg::new(
+        msg_type,
+        entity.id,
+        metadata,
+        data.to_string(),
+        shardflow::msg::now_millis(),
+    )
 }
 
 struct Done(Mutex<Option<tokio::sync::oneshot::Sender<bool>>>);

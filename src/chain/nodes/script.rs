@@ -95,9 +95,11 @@ pub fn messages_from(result: Value, original: &TbMsg) -> Result<Vec<TbMsg>, Stri
     let items = match result {
         Value::Array(items) => items,
         Value::Object(_) => vec![result],
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "the script must return {{msg, metadata, msgType}} or an array of those, got {other}"
-        )),
+        ))
+        }
     };
     items
         .into_iter()
