@@ -865,6 +865,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         text.push_str("# TYPE shardflow_dead_letters gauge\n");
         text.push_str(&format!("shardflow_dead_letters {count}\n"));
     }
+    rules::metrics(&state, &mut text);
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 

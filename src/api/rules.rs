@@ -94,3 +94,72 @@ pub async fn debug_events(
         super::blocking(move || store.debug_events(&filter).map_err(ApiError::internal)).await?;
     Ok(Json(json!(events)))
 }
+
+/// Per rule node: messages in, failures, and messages out by relation.
+pub fn metrics(state: &ApiState, text: &mut String) {
+    use std::fmt::Write as _;
+    let set = state.rules.current();
+    let label = |chain: &RuleEngine, node: &str| {
+        format!(
+            "chain=\"{}\",node=\"{}\"",
+            super::escape_label(chain.name()),
+            super::escape_label(node)
+        )
+    };
+    let _ = writeln!(text, "# HELP shardflow_rule_set_version Version of the running rule set (1 at start, +1 per reload).");
+    let _ = writeln!(text, "# TYPE shardflow_rule_set_version gauge");
+    let _ = writeln!(text, "shardflow_rule_set_version {}", set.version);
+    let status = state.rules.status();
+    let _ = writeln!(
+        text,
+        "# HELP shardflow_rule_reload_ok 1 when the last reload attempt succeeded."
+    );
+    let _ = writeln!(text, "# TYPE shardflow_rule_reload_ok gauge");
+    let _ = writeln!(text, "shardflow_rule_reload_ok {}", status.ok as u8);
+    let series = [
+        (
+            "shardflow_rule_node_messages_total",
+            "Messages a rule node received.",
+        ),
+        (
+            "shardflow_rule_node_failures_total",
+            "Messages a rule node sent to Failure.",
+        ),
+    ];
+    for (name, help) in series {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
+        for chain in &set.chains {
+            for index in chain.def.graph.node_indices() {
+                let stats = &chain.stats[index.index()];
+                let value = if name.ends_with("messages_total") {
+                    stats.messages_in.load(Ordering::Relaxed)
+                } else {
+                    stats.failures.load(Ordering::Relaxed)
+                };
+                let _ = writeln!(
+                    text,
+                    "{name}{{{}}} {value}",
+                    label(chain, &chain.def.graph[index].name)
+                );
+            }
+        }
+    }
+    let name = "shardflow_rule_node_relation_total";
+    let _ = writeln!(
+        text,
+        "# HELP {name} Messages a rule node sent, by relation.\n# TYPE {name} counter"
+    );
+    for chain in &set.chains {
+        for index in chain.def.graph.node_indices() {
+            let node = &chain.def.graph[index].name;
+            for (relation, count) in chain.stats[index.index()].out_counts() {
+                let _ = writeln!(
+                    text,
+                    "{name}{{{},relation=\"{}\"}} {count}",
+                    label(chain, node),
+                    super::escape_label(&relation)
+                );
+            }
+        }
+    }
+}

@@ -260,6 +260,26 @@ pub fn load(path: &Path, unknown: UnknownNodes) -> Result<ChainDef, ChainError> 
 
 /// Parses and validates chain JSON; `file` is used in errors.
 pub fn parse(text: &str, file: &Path, unknown: UnknownNodes) -> Result<ChainDef, ChainError> {
+    let (def, problems) = parse_with_problems(text, file, unknown)?;
+    if problems.is_empty() {
+        Ok(def)
+    } else {
+        Err(ChainError {
+            file: file.to_path_buf(),
+            problems,
+        })
+    }
+}
+
+/// Parses chain JSON, keeping what is usable of a chain that has problems
+/// (nodes that were rejected are `Invalid`, bad connections left out), so
+/// that checks across files can still look at it. Fails only when the
+/// text is no chain export at all.
+pub fn parse_with_problems(
+    text: &str,
+    file: &Path,
+    unknown: UnknownNodes,
+) -> Result<(ChainDef, Vec<ChainProblem>), ChainError> {
     let mut problems = Vec::new();
     let export: Export = serde_json::from_str(text).map_err(|e| {
         ChainError::single(file, format!("not a ThingsBoard rule chain export: {e}"))
@@ -304,13 +324,7 @@ pub fn parse(text: &str, file: &Path, unknown: UnknownNodes) -> Result<ChainDef,
     }
     check_acyclic(&graph, &mut problems);
 
-    if !problems.is_empty() {
-        return Err(ChainError {
-            file: file.to_path_buf(),
-            problems,
-        });
-    }
-    Ok(ChainDef {
+    let def = ChainDef {
         file: file.to_path_buf(),
         id,
         stem,
@@ -318,7 +332,8 @@ pub fn parse(text: &str, file: &Path, unknown: UnknownNodes) -> Result<ChainDef,
         first,
         graph,
         content_hash: content_hash(text),
-    })
+    };
+    Ok((def, problems))
 }
 
 fn node_def(

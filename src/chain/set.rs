@@ -201,35 +201,56 @@ pub fn load(config: &SetConfig, previous: Option<&RuleSet>) -> Result<SetSource,
         files.push(config.root_chain.clone());
     }
 
+    // Chains with problems stay in the checks across files (their
+    // references, scripts and ids), so one run reports everything.
     let mut chains = Vec::new();
+    let mut broken = Vec::new();
+    let mut unreadable = Vec::new();
     let mut fresh = Vec::new();
     for file in &files {
         match load_chain(file, config.unknown_nodes, previous) {
-            Ok((def, reused)) => {
-                if !reused {
-                    fresh.push(chains.len());
-                }
+            Ok(Loaded::Kept(def)) => chains.push(def),
+            Ok(Loaded::Parsed(def, file_problems)) if file_problems.is_empty() => {
+                fresh.push(chains.len());
                 chains.push(def);
             }
-            Err(e) => problems.extend(e.lines()),
+            Ok(Loaded::Parsed(def, file_problems)) => {
+                problems.extend(
+                    loader::ChainError {
+                        file: file.clone(),
+                        problems: file_problems,
+                    }
+                    .lines(),
+                );
+                broken.push(def);
+            }
+            Err(e) => {
+                problems.extend(e.lines());
+                unreadable.push(file.clone());
+            }
         }
     }
     let root = chains
         .iter()
         .position(|c| same_file(&c.file, &config.root_chain));
-    if root.is_none()
-        && !problems
-            .iter()
-            .any(|p| p.contains(&display(&config.root_chain)))
-    {
+    let root_reported = problems
+        .iter()
+        .any(|p| p.contains(&display(&config.root_chain)));
+    if root.is_none() && !root_reported {
         problems.push(format!(
             "rule chain {}: the root chain is missing",
             config.root_chain.display()
         ));
     }
 
-    problems.extend(check_references(&chains));
-    problems.extend(check_scripts(&chains, &fresh, config.limits));
+    let valid = chains.len();
+    let mut all = chains;
+    all.extend(broken);
+    problems.extend(check_references(&all, valid, &unreadable));
+    let fresh: Vec<usize> = fresh.into_iter().chain(valid..all.len()).collect();
+    problems.extend(check_scripts(&all, &fresh, config.limits));
+    all.truncate(valid);
+    let chains = all;
     let (decoders, encoders) = load_converters(config, previous, &mut problems);
 
     match (problems.is_empty(), root) {
@@ -255,12 +276,19 @@ fn same_file(a: &Path, b: &Path) -> bool {
         }
 }
 
+enum Loaded {
+    /// The previous set's parse of the same text.
+    Kept(ChainDef),
+    /// Parsed now, with the file's own problems.
+    Parsed(ChainDef, Vec<loader::ChainProblem>),
+}
+
 /// A chain file, parsed (or the previous set's parse of the same text).
 fn load_chain(
     file: &Path,
     unknown: UnknownNodes,
     previous: Option<&RuleSet>,
-) -> Result<(ChainDef, bool), loader::ChainError> {
+) -> Result<Loaded, loader::ChainError> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| loader::ChainError::single(file, format!("cannot read the file: {e}")))?;
     let hash = loader::content_hash(&text);
@@ -270,14 +298,17 @@ fn load_chain(
             .find(|c| c.def.file == file && c.def.content_hash == hash)
     });
     if let Some(engine) = kept {
-        return Ok((engine.def.clone(), true));
+        return Ok(Loaded::Kept(engine.def.clone()));
     }
-    loader::parse(&text, file, unknown).map(|def| (def, false))
+    let (def, problems) = loader::parse_with_problems(&text, file, unknown)?;
+    Ok(Loaded::Parsed(def, problems))
 }
 
 /// What spans chain files: unique ids, rule chain node targets and their
-/// relations, and no cycle of chains calling each other.
-fn check_references(chains: &[ChainDef]) -> Vec<String> {
+/// relations, and no cycle of chains calling each other. Chains from
+/// `valid` on have problems of their own (already reported); `unreadable`
+/// files are no chain at all.
+fn check_references(chains: &[ChainDef], valid: usize, unreadable: &[PathBuf]) -> Vec<String> {
     let mut problems = Vec::new();
     let mut ids: HashMap<&str, &Path> = HashMap::new();
     for def in chains {
@@ -300,6 +331,18 @@ fn check_references(chains: &[ChainDef]) -> Vec<String> {
                 continue;
             };
             let here = format!("rule chain {}: node {}", def.file.display(), node.label());
+            let unreadable_stem = unreadable.iter().find(|f| {
+                f.file_stem()
+                    .is_some_and(|s| s.to_string_lossy() == config.target.as_str())
+            });
+            if let Some(file) = unreadable_stem {
+                problems.push(format!(
+                    "{here}: ruleChainId {:?} is {}, which has problems of its own (above)",
+                    config.target,
+                    file.display()
+                ));
+                continue;
+            }
             let Some(&target) = aliases.get(config.target.as_str()) else {
                 let known: Vec<String> = chains.iter().map(|c| format!("{:?}", c.stem)).collect();
                 problems.push(format!(
@@ -314,6 +357,14 @@ fn check_references(chains: &[ChainDef]) -> Vec<String> {
                 continue;
             }
             calls.add_edge(nodes[from], nodes[target], ());
+            if target >= valid {
+                problems.push(format!(
+                    "{here}: ruleChainId {:?} is {}, which has problems of its own (above)",
+                    config.target,
+                    chains[target].file.display()
+                ));
+                continue;
+            }
             let outputs = chains[target].outputs();
             for edge in def.graph.edges(index) {
                 let relation = edge.weight();
