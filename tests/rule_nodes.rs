@@ -692,6 +692,22 @@ async fn debug_events_record_what_went_in_and_out() {
     assert_eq!(events[0].direction, "OUT");
     assert_eq!(events[0].relation.as_deref(), Some("True"));
     assert!(events[0].node.contains("watched"));
+
+    // The retention cap keeps the newest.
+    for t in 0..3 {
+        assert!(engine.telemetry(&device, json!({"t": t})).await);
+    }
+    let trim = shardflow::store::Write::TrimDebugEvents { max_count: 3 };
+    engine.store.write(vec![trim], None).await.unwrap();
+    let kept = engine
+        .store
+        .debug_events(&shardflow::store::DebugEventFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(kept.len(), 3);
+    assert!(kept[0].id > events[0].id);
 }
 
 #[actix_rt::test]

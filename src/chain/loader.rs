@@ -47,9 +47,10 @@ impl DebugSettings {
         self.all || self.all_until_ms > 0 || self.failures
     }
 
-    /// Whether every event is recorded at `now_ms`.
-    pub fn all_at(&self, now_ms: i64) -> bool {
-        self.all || self.all_until_ms > now_ms
+    /// Whether every event is recorded now (the clock is read only for a
+    /// time-limited debug mode).
+    pub fn all_now(&self) -> bool {
+        self.all || (self.all_until_ms > 0 && self.all_until_ms > crate::msg::now_millis())
     }
 }
 

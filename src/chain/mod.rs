@@ -206,7 +206,7 @@ impl Handler<Envelope> for NodeActor {
 
     fn handle(&mut self, env: Envelope, ctx: &mut Context<Self>) {
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-        if self.debug.all_at(crate::msg::now_millis()) {
+        if self.debug.all_now() {
             self.services
                 .debug
                 .record(&self.info, debug::Direction::In, &env.msg, None);
@@ -326,8 +326,7 @@ impl NodeActor {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.count_out(relation);
-        let now = crate::msg::now_millis();
-        if self.debug.all_at(now) || (failed && self.debug.failures) {
+        if (failed && self.debug.failures) || self.debug.all_now() {
             let error = failed
                 .then(|| env.msg.metadata.get("error").cloned())
                 .flatten();
