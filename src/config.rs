@@ -64,6 +64,10 @@ pub struct HttpConfig {
     pub password: Secret,
     /// Lifetime of an access token, in seconds.
     pub token_ttl_secs: u64,
+    /// PEM certificate chain to serve the API over TLS (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -73,6 +77,8 @@ impl Default for HttpConfig {
             username: "tenant@thingsboard.org".into(),
             password: Secret::new("tenant"),
             token_ttl_secs: 9000,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -345,7 +351,20 @@ impl Config {
 
         let data_dir = string_field(&table, "data_dir", "data", &mut problems);
         let root_chain = string_field(&table, "root_chain", "rulechains/root.json", &mut problems);
-        let http: HttpConfig = section(&table, "http", &mut problems);
+        let mut http: HttpConfig = section(&table, "http", &mut problems);
+        http.tls_cert = http.tls_cert.map(|p| base.join(p));
+        http.tls_key = http.tls_key.map(|p| base.join(p));
+        match (&http.tls_cert, &http.tls_key) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::api::tls::server_config(cert, key) {
+                    problems.push(format!("[http] tls_cert/tls_key: {e}"));
+                }
+            }
+            (None, None) => {}
+            _ => {
+                problems.push("[http] tls_cert and tls_key go together: set both or neither".into())
+            }
+        }
         let pipeline: PipelineConfig = section(&table, "pipeline", &mut problems);
         let js: JsConfig = section(&table, "js", &mut problems);
         let dead_letters: DeadLetterConfig = section(&table, "dead_letters", &mut problems);

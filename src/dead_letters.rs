@@ -6,8 +6,7 @@
 //! whose current converters and chain do the work: the command asks its
 //! API, on the address and with the credentials of the config file.
 
-use std::io::{Read, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -173,22 +172,21 @@ fn replay(config: &Config, ids: Vec<i64>, since: Option<String>) -> anyhow::Resu
                 .with_context(|| format!("--since {text:?} is not epoch ms or RFC 3339 UTC"))?,
         ),
     };
-    let mut address: SocketAddr = config.http.bind.parse()?;
-    if address.ip().is_unspecified() {
-        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
+    let service = ServiceClient::new(config)?;
     let login =
         json!({"username": config.http.username, "password": config.http.password.expose()});
-    let (status, body) = request(address, "/api/auth/login", None, &login)?;
+    let (status, body) = service.post("/api/auth/login", None, &login)?;
     if status != 200 {
-        bail!("login to the service at {address} failed ({status}): {body}");
+        bail!(
+            "login to the service at {} failed ({status}): {body}",
+            service.base
+        );
     }
     let token = body["token"]
         .as_str()
         .context("the login answer has no token")?
         .to_string();
-    let (status, report) = request(
-        address,
+    let (status, report) = service.post(
         "/api/shardflow/deadLetters/replay",
         Some(&token),
         &json!({"ids": ids, "since": since_ms}),
@@ -200,38 +198,56 @@ fn replay(config: &Config, ids: Vec<i64>, since: Option<String>) -> anyhow::Resu
     Ok(())
 }
 
-/// A plain HTTP/1.1 POST of JSON to the service; answers (status, JSON).
-fn request(
-    address: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    body: &Value,
-) -> anyhow::Result<(u16, Value)> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
-        .with_context(|| format!("cannot reach the service at {address}: is it running?"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let body = body.to_string();
-    let auth = token
-        .map(|t| format!("X-Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, payload) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP answer")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed HTTP status line")?;
-    let json = serde_json::from_str(payload.trim()).unwrap_or(Value::String(payload.to_string()));
-    Ok((status, json))
+/// The running service's API, on the config's address, over TLS when the
+/// config has a certificate. The service's own certificate is trusted
+/// (besides the system's roots), whatever name it was issued for, since
+/// the command talks to the address the service listens on.
+struct ServiceClient {
+    base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl ServiceClient {
+    fn new(config: &Config) -> anyhow::Result<ServiceClient> {
+        let mut address: SocketAddr = config.http.bind.parse()?;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let mut builder = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(300));
+        let scheme = match &config.http.tls_cert {
+            Some(cert) => {
+                let pem = std::fs::read(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?;
+                for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+                    builder = builder.add_root_certificate(cert);
+                }
+                builder = builder.danger_accept_invalid_hostnames(true);
+                "https"
+            }
+            None => "http",
+        };
+        Ok(ServiceClient {
+            base: format!("{scheme}://{address}"),
+            http: builder.build()?,
+        })
+    }
+
+    /// POSTs JSON; answers (status, JSON).
+    fn post(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(token) = token {
+            request = request.header("X-Authorization", format!("Bearer {token}"));
+        }
+        let response = request.send().with_context(|| {
+            format!("cannot reach the service at {}: is it running?", self.base)
+        })?;
+        let status = response.status().as_u16();
+        let text = response.text()?;
+        let json = serde_json::from_str(text.trim()).unwrap_or(Value::String(text));
+        Ok((status, json))
+    }
 }
 
 /// Epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.

@@ -281,17 +281,35 @@ async fn serve(
         replayer: pipeline.replayer.clone(),
     });
     let address = listener.local_addr()?;
+    let tls = match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(cert), Some(key)) => Some(api::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     io.spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = api_stopped.await;
-            })
-            .await;
+        let stopped = async {
+            let _ = api_stopped.await;
+        };
+        let served = match tls {
+            Some(tls) => match api::tls::TlsListener::new(listener, tls) {
+                Ok(listener) => {
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        };
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP API stopped");
         }
     });
-    tracing::info!(address = %address, "shardflow started; HTTP API listening");
+    tracing::info!(address = %address, scheme, "shardflow started; HTTP API listening");
     spawn_dead_letter_retention(&config, store_for_retention.clone(), &io);
     spawn_rule_housekeeping(&config, store_for_retention, &io);
     let _watch = config.rules.watch.then(|| {

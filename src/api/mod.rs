@@ -8,6 +8,7 @@
 
 pub mod auth;
 mod rules;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

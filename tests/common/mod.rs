@@ -232,7 +232,10 @@ pub struct Setup {
     pub uplink_converter: String,
     pub downlink_converter: String,
     pub root_chain: String,
+    /// Top-level config text (before `[http]`), e.g. a `[rules]` table.
     pub extra: String,
+    /// More keys of the `[http]` table.
+    pub http_extra: String,
 }
 
 impl Setup {
@@ -247,6 +250,7 @@ impl Setup {
             downlink_converter: read(&repo.join("converters/kinesis_downlink_version.js")),
             root_chain: read(&repo.join("rulechains/root.json")),
             extra: String::new(),
+            http_extra: String::new(),
         }
     }
 }
@@ -289,6 +293,7 @@ root_chain = "rulechains/root.json"
 bind = "127.0.0.1:{port}"
 username = "tenant@thingsboard.org"
 password = "tenant"
+{http_extra}
 
 [pipeline]
 checkpoint_interval_ms = 200
@@ -308,6 +313,7 @@ max_records = 500
 endpoint_url = "{endpoint}"
 "#,
         extra = setup.extra,
+        http_extra = setup.http_extra,
         stream = setup.stream,
         position = setup.initial_position,
     );
