@@ -87,39 +87,67 @@ async fn a_full_disk_stops_consumption_and_loses_nothing() {
 
     // The disk fills: commits fail, /ready says so, reading stops.
     let url = format!("{}/ready", service.base_url);
-    let reasons = wait_for("the store to report the full disk", Duration::from_secs(120), || async {
-        let response = service.http.get(&url).send().await.ok()?;
-        let status = response.status().as_u16();
-        let body: serde_json::Value = response.json().await.ok()?;
-        (status == 503).then(|| body["reasons"].to_string())
-    })
+    let reasons = wait_for(
+        "the store to report the full disk",
+        Duration::from_secs(120),
+        || async {
+            let response = service.http.get(&url).send().await.ok()?;
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.ok()?;
+            (status == 503).then(|| body["reasons"].to_string())
+        },
+    )
     .await;
     assert!(reasons.contains("store"), "{reasons}");
-    assert!(service.log().contains("store commit failed"), "{}", service.log());
+    assert!(
+        service.log().contains("store commit failed"),
+        "{}",
+        service.log()
+    );
     let metrics_url = format!("{}/metrics", service.base_url);
-    let metrics = service.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
+    let metrics = service
+        .http
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let in_flight = metric(&metrics, "shardflow_in_flight_records");
     assert!(in_flight <= 4_000.0, "{in_flight} records in flight");
     let stored_while_full: i64 = service
         .db()
-        .query_row("SELECT count(*) FROM ts_kv WHERE key = 'seq'", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM ts_kv WHERE key = 'seq'", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert!((stored_while_full as usize) < RECORDS);
 
     // Room again: everything is stored, once.
     disk.resize("256m");
-    wait_for("every record to be stored", Duration::from_secs(120), || async {
-        let count: i64 = service
-            .db()
-            .query_row("SELECT count(*) FROM ts_kv WHERE key = 'seq'", [], |r| r.get(0))
-            .ok()?;
-        (count as usize == RECORDS).then_some(())
-    })
+    wait_for(
+        "every record to be stored",
+        Duration::from_secs(120),
+        || async {
+            let count: i64 = service
+                .db()
+                .query_row("SELECT count(*) FROM ts_kv WHERE key = 'seq'", [], |r| {
+                    r.get(0)
+                })
+                .ok()?;
+            (count as usize == RECORDS).then_some(())
+        },
+    )
     .await;
     service.wait_ready().await;
     let distinct: i64 = service
         .db()
-        .query_row("SELECT count(DISTINCT long_v) FROM ts_kv WHERE key = 'seq'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(DISTINCT long_v) FROM ts_kv WHERE key = 'seq'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(distinct as usize, RECORDS);
     assert!(service.log().contains("store writable again"));
