@@ -80,6 +80,9 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Print the argon2 hash of a password read from standard input (its
+    /// first line), for `[http] password_hash`.
+    HashPassword,
     /// Debug events of rule nodes in debug mode, newest first.
     Events {
         #[arg(long, short, default_value = "shardflow.toml")]
@@ -137,6 +140,7 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::HashPassword => hash_password(),
         Command::Events {
             config,
             chain,
@@ -168,6 +172,29 @@ pub fn main() -> ExitCode {
             latency_rate,
             parts,
         }),
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("error: cannot read the password from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("error: the password is empty (give it on standard input)");
+        return ExitCode::FAILURE;
+    }
+    match crate::api::auth::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

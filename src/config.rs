@@ -62,6 +62,9 @@ pub struct HttpConfig {
     pub username: String,
     /// Password for `POST /api/auth/login`.
     pub password: Secret,
+    /// The password as an argon2 hash (PHC string, from `shardflow
+    /// hash-password`), instead of `password`.
+    pub password_hash: Option<Secret>,
     /// Lifetime of an access token, in seconds.
     pub token_ttl_secs: u64,
     /// PEM certificate chain to serve the API over TLS (with `tls_key`).
@@ -76,6 +79,7 @@ impl Default for HttpConfig {
             bind: "127.0.0.1:8080".into(),
             username: "tenant@thingsboard.org".into(),
             password: Secret::new("tenant"),
+            password_hash: None,
             token_ttl_secs: 9000,
             tls_cert: None,
             tls_key: None,
@@ -388,7 +392,28 @@ impl Config {
             .bind
             .parse::<SocketAddr>()
             .is_ok_and(|a| !a.ip().is_loopback());
-        if exposed && http.password == HttpConfig::default().password {
+        let password_given = table.get("http").and_then(|h| h.get("password")).is_some();
+        let default_password = match &http.password_hash {
+            Some(hash) => {
+                if password_given {
+                    problems.push(
+                        "[http] password and password_hash: set one of them, not both".into(),
+                    );
+                }
+                match crate::api::auth::parse_hash(hash.expose()) {
+                    Ok(()) => crate::api::auth::hash_matches(
+                        hash.expose(),
+                        HttpConfig::default().password.expose(),
+                    ),
+                    Err(e) => {
+                        problems.push(format!("[http] password_hash: {e}"));
+                        false
+                    }
+                }
+            }
+            None => http.password == HttpConfig::default().password,
+        };
+        if exposed && default_password {
             problems.push(format!(
                 "[http] bind = {:?} is reachable from other hosts: set a password other than the default",
                 http.bind
@@ -563,7 +588,7 @@ fn string_field(
 }
 
 /// Keys whose values are never shown in errors.
-const SECRET_KEYS: &[&str] = &["password", "secret_access_key"];
+const SECRET_KEYS: &[&str] = &["password", "password_hash", "secret_access_key"];
 
 /// Checks each field of a table on its own, so that every bad field is
 /// reported, by name, instead of the first one only. `base` holds values

@@ -173,19 +173,7 @@ fn replay(config: &Config, ids: Vec<i64>, since: Option<String>) -> anyhow::Resu
         ),
     };
     let service = ServiceClient::new(config)?;
-    let login =
-        json!({"username": config.http.username, "password": config.http.password.expose()});
-    let (status, body) = service.post("/api/auth/login", None, &login)?;
-    if status != 200 {
-        bail!(
-            "login to the service at {} failed ({status}): {body}",
-            service.base
-        );
-    }
-    let token = body["token"]
-        .as_str()
-        .context("the login answer has no token")?
-        .to_string();
+    let token = token(config, &service)?;
     let (status, report) = service.post(
         "/api/shardflow/deadLetters/replay",
         Some(&token),
@@ -196,6 +184,35 @@ fn replay(config: &Config, ids: Vec<i64>, since: Option<String>) -> anyhow::Resu
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// A token for the replay: signed with the service's own key when this
+/// user can read it (no password needed, so a `password_hash` config
+/// works), else from a login with the configured password.
+fn token(config: &Config, service: &ServiceClient) -> anyhow::Result<String> {
+    let username = config.http.username.clone();
+    if let Ok(auth) = crate::api::auth::Auth::from_key_file(&config.data_dir, username) {
+        return Ok(auth.access_token());
+    }
+    if config.http.password_hash.is_some() {
+        bail!(
+            "cannot read the service's signing key {} (run as the service's user)",
+            config.data_dir.join("jwt.key").display()
+        );
+    }
+    let login =
+        json!({"username": config.http.username, "password": config.http.password.expose()});
+    let (status, body) = service.post("/api/auth/login", None, &login)?;
+    if status != 200 {
+        bail!(
+            "login to the service at {} failed ({status}): {body}",
+            service.base
+        );
+    }
+    Ok(body["token"]
+        .as_str()
+        .context("the login answer has no token")?
+        .to_string())
 }
 
 /// The running service's API, on the config's address, over TLS when the

@@ -117,6 +117,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         &config.data_dir,
         config.http.username.clone(),
         config.http.password.clone(),
+        config.http.password_hash.as_ref(),
         config.http.token_ttl_secs,
     )?);
 

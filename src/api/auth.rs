@@ -3,7 +3,10 @@
 //! `X-Authorization: Bearer <token>`.
 //!
 //! The signing key is generated on first start and kept in the data
-//! directory with 0600 permissions, so tokens survive a restart.
+//! directory with 0600 permissions, so tokens survive a restart. The
+//! password is held only as an argon2id hash: the configured hash, or a
+//! hash of the configured password made at start. Checking it costs tens
+//! of milliseconds by design; callers run it off the reactor.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -27,7 +30,8 @@ const REFRESH_TTL_SECS: u64 = 7 * 24 * 3600;
 pub struct Auth {
     key: Vec<u8>,
     username: String,
-    password: Secret,
+    /// The password's argon2 hash, as a PHC string.
+    password_hash: String,
     token_ttl_secs: u64,
     /// Times of recent failed logins, for rate limiting.
     failures: Mutex<VecDeque<Instant>>,
@@ -47,10 +51,12 @@ pub struct Claims {
 
 impl Auth {
     /// Loads the signing key from `dir`, creating it on first start.
+    /// `password_hash` wins over `password` when given.
     pub fn load(
         dir: &Path,
         username: String,
         password: Secret,
+        password_hash: Option<&Secret>,
         token_ttl_secs: u64,
     ) -> std::io::Result<Auth> {
         let path = dir.join("jwt.key");
@@ -63,13 +69,39 @@ impl Auth {
                 key
             }
         };
+        let password_hash = match password_hash {
+            Some(hash) => hash.expose().to_string(),
+            None => hash_password(password.expose()).map_err(std::io::Error::other)?,
+        };
         Ok(Auth {
             key,
             username,
-            password,
+            password_hash,
             token_ttl_secs,
             failures: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// The signing key of a data directory where the service already ran,
+    /// to issue a token for a command of the same machine (`shardflow dlq
+    /// replay`) without knowing the password.
+    pub fn from_key_file(dir: &Path, username: String) -> std::io::Result<Auth> {
+        let key = std::fs::read(dir.join("jwt.key"))?;
+        if key.len() < 32 {
+            return Err(std::io::Error::other("the signing key file is too short"));
+        }
+        Ok(Auth {
+            key,
+            username,
+            password_hash: String::new(),
+            token_ttl_secs: 300,
+            failures: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// A short-lived access token for the configured user.
+    pub fn access_token(&self) -> String {
+        self.sign(&self.username, self.token_ttl_secs, false)
     }
 
     /// Whether the failed logins of the last minute reached the limit.
@@ -92,15 +124,12 @@ impl Auth {
         }
     }
 
-    /// Checks credentials in constant time with respect to the password.
+    /// Checks credentials against the argon2 hash (slow by design; the
+    /// password is checked even for a wrong user name, so timing tells
+    /// nothing about which was wrong).
     pub fn check_password(&self, username: &str, password: &str) -> bool {
-        let expected = self.password.expose().as_bytes();
-        let given = password.as_bytes();
-        let mut diff = expected.len() ^ given.len();
-        for (i, byte) in expected.iter().enumerate() {
-            diff |= (byte ^ given.get(i).copied().unwrap_or(0)) as usize;
-        }
-        diff == 0 && username == self.username
+        let password_ok = hash_matches(&self.password_hash, password);
+        password_ok && username == self.username
     }
 
     /// A ThingsBoard-style `{token, refreshToken}` pair.
@@ -181,6 +210,38 @@ impl Auth {
     }
 }
 
+/// An argon2id hash of `password` with a random salt, as a PHC string.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| format!("cannot hash the password: {e}"))
+}
+
+/// Whether `hash` is an argon2 PHC string shardflow can check passwords
+/// against (the error never shows the hash).
+pub fn parse_hash(hash: &str) -> Result<(), String> {
+    let parsed = argon2::PasswordHash::new(hash).map_err(|e| {
+        format!("not a PHC hash string ({e}); make one with `shardflow hash-password`")
+    })?;
+    match parsed.algorithm.as_str() {
+        "argon2id" | "argon2i" | "argon2d" => Ok(()),
+        other => Err(format!("the hash is {other}, not argon2")),
+    }
+}
+
+/// Whether `password` matches the PHC `hash` (false for a malformed hash).
+pub fn hash_matches(hash: &str, password: &str) -> bool {
+    use argon2::PasswordVerifier;
+    argon2::PasswordHash::new(hash).is_ok_and(|parsed| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -201,7 +262,7 @@ mod tests {
     #[test]
     fn tokens_verify_and_tampering_is_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), 60).unwrap();
+        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
         let pair = auth.issue("u");
         let token = pair["token"].as_str().unwrap();
         assert!(!auth.verify(token).unwrap().refresh);
@@ -215,12 +276,32 @@ mod tests {
         assert!(auth.check_password("u", "p"));
         assert!(!auth.check_password("u", "q"));
         assert!(!auth.check_password("u", "pp"));
+        assert!(!auth.check_password("v", "p"));
+        assert!(auth.password_hash.starts_with("$argon2id$"));
+    }
+
+    #[test]
+    fn a_configured_hash_is_used_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = Secret::new(hash_password("s3cret").unwrap());
+        let auth = Auth::load(
+            dir.path(),
+            "u".into(),
+            Secret::new("tenant"),
+            Some(&hash),
+            60,
+        )
+        .unwrap();
+        assert!(auth.check_password("u", "s3cret"));
+        assert!(!auth.check_password("u", "tenant"));
+        assert!(parse_hash("plain text").is_err());
+        assert!(parse_hash(hash.expose()).is_ok());
     }
 
     #[test]
     fn logins_are_refused_after_ten_failures_a_minute() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), 60).unwrap();
+        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
         for _ in 0..9 {
             auth.record_failure();
         }

@@ -219,7 +219,13 @@ async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Val
             code: 10,
         });
     }
-    if !state.auth.check_password(username, password) {
+    // argon2 takes tens of milliseconds: off the reactor.
+    let auth = state.auth.clone();
+    let (user, pass) = (username.to_string(), password.to_string());
+    let valid = tokio::task::spawn_blocking(move || auth.check_password(&user, &pass))
+        .await
+        .map_err(ApiError::internal)?;
+    if !valid {
         state.auth.record_failure();
         tracing::warn!("failed login");
         return Err(ApiError::unauthorized("Invalid username or password"));
