@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod kinesis;
 pub mod msg;
+pub mod outbox;
 pub mod replay;
 pub mod service;
 pub mod status;

@@ -272,6 +272,9 @@ async fn serve(
     let pipeline =
         Pipeline::start(&config, source, store.clone(), io.clone(), &kinesis_reader).await?;
 
+    if let Err(e) = crate::outbox::redrive(&pipeline.rules, &store) {
+        tracing::error!(error = %e, "cannot read the outbox; its messages stay there until the next start");
+    }
     let store_for_retention = store.clone();
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let router = api::router(ApiState {

@@ -24,7 +24,6 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::chain::Rules;
-use crate::delivery::{SourceRecord, Ticket};
 use crate::ingest::{entity_json, entity_metadata};
 use crate::msg::{self, EntityId, EntityType, TbMsg};
 use crate::replay::Replayer;
@@ -622,22 +621,6 @@ async fn save_attributes(
     if !state.store.is_writable() {
         return Err(ApiError::unavailable());
     }
-    let write = state.store.write(
-        vec![Write::Attributes {
-            entity: entity.id,
-            scope,
-            ts,
-            values,
-        }],
-        None,
-    );
-    // The write stays queued if the store fails meanwhile, and is
-    // committed once it recovers; the caller is told it may not be.
-    match tokio::time::timeout(STORE_WAIT, write).await {
-        Ok(result) => result.map_err(ApiError::internal)?,
-        Err(_) => return Err(ApiError::unavailable()),
-    }
-
     let mut metadata = entity_metadata(&entity, "");
     metadata.insert("scope".into(), scope.as_str().into());
     let message = TbMsg::new(
@@ -647,20 +630,35 @@ async fn save_attributes(
         Value::Object(object).to_string(),
         ts,
     );
-    state.rules.current().submit(message, api_ticket(entity.id));
+    // The attributes and the message announcing them commit together
+    // (the outbox), so a crash cannot keep one without the other.
+    let writes = vec![
+        Write::Attributes {
+            entity: entity.id,
+            scope,
+            ts,
+            values,
+        },
+        crate::outbox::entry(&message),
+    ];
+    // The write stays queued if the store fails meanwhile, and is
+    // committed (and its message sent) once it recovers; the caller is
+    // told it may not be.
+    let store = state.store.clone();
+    let rules = state.rules.clone();
+    let committed = tokio::spawn(async move {
+        let result = store.write(writes, None).await;
+        if result.is_ok() {
+            crate::outbox::submit(&rules, &store, message);
+        }
+        result
+    });
+    match tokio::time::timeout(STORE_WAIT, committed).await {
+        Ok(Ok(result)) => result.map_err(ApiError::internal)?,
+        Ok(Err(e)) => return Err(ApiError::internal(e)),
+        Err(_) => return Err(ApiError::unavailable()),
+    }
     Ok(StatusCode::OK)
-}
-
-fn api_ticket(entity: EntityId) -> Ticket {
-    Ticket::detached(SourceRecord {
-        integration: "api".into(),
-        stream: String::new(),
-        shard: String::new(),
-        sequence_number: String::new(),
-        partition_key: entity.to_string(),
-        arrival_ms: msg::now_millis(),
-        payload: Default::default(),
-    })
 }
 
 fn dead_letter_json(letter: &DeadLetter, with_payload: bool) -> Value {

@@ -267,6 +267,9 @@ CREATE TABLE IF NOT EXISTS streams (
     application TEXT NOT NULL, stream TEXT NOT NULL, created_ms INTEGER NOT NULL,
     PRIMARY KEY (application, stream)
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, message TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS debug_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts INTEGER NOT NULL, chain TEXT NOT NULL, node TEXT NOT NULL,
@@ -630,6 +633,16 @@ impl Store {
         };
         self.write(vec![write], None).await?;
         Ok(before - total(self)?)
+    }
+
+    /// Outbox messages not done yet, oldest first: (id, message JSON).
+    pub fn outbox(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT id, message FROM outbox ORDER BY created_ms, id")?;
+            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect()
+        })
     }
 
     /// Debug events, newest first.

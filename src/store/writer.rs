@@ -49,6 +49,15 @@ pub enum Write {
         limit: i64,
     },
     DebugEvent(super::DebugEvent),
+    /// A message from the API waiting to be done (see `crate::outbox`).
+    Outbox {
+        id: String,
+        message: String,
+    },
+    /// The outbox message is done.
+    OutboxDone {
+        id: String,
+    },
     /// Keeps the newest `max_count` debug events.
     TrimDebugEvents {
         max_count: u64,
@@ -419,6 +428,16 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 e.metadata,
                 e.error
             ])?;
+        }
+        Write::Outbox { id, message } => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO outbox (id, created_ms, message) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![id, crate::msg::now_millis(), message])?;
+        }
+        Write::OutboxDone { id } => {
+            conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                .execute(params![id])?;
         }
         Write::TrimDebugEvents { max_count } => {
             conn.prepare_cached(
