@@ -9,6 +9,7 @@ use std::time::Duration;
 /// about 10 minutes), cheap to record from any thread.
 pub struct Histogram {
     buckets: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
 }
 
 const FIRST_BUCKET_MICROS: f64 = 10.0;
@@ -19,6 +20,7 @@ impl Default for Histogram {
     fn default() -> Self {
         Histogram {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
         }
     }
 }
@@ -32,6 +34,37 @@ impl Histogram {
             ((micros / FIRST_BUCKET_MICROS).ln() / GROWTH.ln()).ceil() as usize
         };
         self.buckets[index.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Writes the histogram in Prometheus' text format, in seconds, with
+    /// the usual `le` buckets (each to within a bucket's 10 % width).
+    pub fn write_prometheus(&self, text: &mut String, name: &str, help: &str) {
+        use std::fmt::Write as _;
+        const BOUNDS: [f64; 16] = [
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ];
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        for bound in BOUNDS {
+            let below: u64 = counts
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| FIRST_BUCKET_MICROS * GROWTH.powi(*i as i32) <= bound * 1e6)
+                .map(|(_, c)| c)
+                .sum();
+            let _ = writeln!(text, "{name}_bucket{{le=\"{bound}\"}} {below}");
+        }
+        let total: u64 = counts.iter().sum();
+        let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(text, "{name}_sum {sum}\n{name}_count {total}");
     }
 
     pub fn count(&self) -> u64 {
@@ -85,7 +118,11 @@ pub struct ShardStatus {
     pub checkpoint: Option<String>,
     pub millis_behind_latest: Option<i64>,
     pub records_read: u64,
+    /// Records the uplink converter turned into messages.
+    pub records_converted: u64,
     pub records_failed: u64,
+    /// When the checkpoint was last written (epoch ms).
+    pub checkpoint_ms: Option<i64>,
     pub in_flight: usize,
     pub last_error: Option<String>,
 }
@@ -97,12 +134,30 @@ impl Default for ShardStatus {
             checkpoint: None,
             millis_behind_latest: None,
             records_read: 0,
+            records_converted: 0,
             records_failed: 0,
+            checkpoint_ms: None,
             in_flight: 0,
             last_error: None,
         }
     }
 }
+
+/// Measurements of parts that are no shard's: converter calls, store
+/// commits, downlinks. Process-wide, as these parts are.
+#[derive(Default)]
+pub struct Totals {
+    /// Duration of each JavaScript call (converters and script nodes).
+    pub js_call: Histogram,
+    /// Duration of each store commit (a batch, with its fsync).
+    pub store_commit: Histogram,
+    /// Downlink records accepted by PutRecords.
+    pub downlinks_sent: AtomicU64,
+    /// Downlink messages that could not be sent (routed to Failure).
+    pub downlinks_failed: AtomicU64,
+}
+
+pub static TOTALS: std::sync::LazyLock<Totals> = std::sync::LazyLock::new(Totals::default);
 
 /// Every shard's status, keyed by (integration, shard), and record
 /// latencies.

@@ -69,6 +69,7 @@ async fn chains_counts_and_debug_events_are_visible() {
     let emulator = Emulator::start();
     let client = emulator.client().await;
     create_stream(&client, "visible", 1).await;
+    create_stream(&client, "tb-test-downlink", 1).await;
     let mut setup = Setup::walkthrough("visible");
     let mut root: serde_json::Value = serde_json::from_str(&setup.root_chain).unwrap();
     root["metadata"]["nodes"][0]["debugMode"] = json!(true);
@@ -113,15 +114,49 @@ async fn chains_counts_and_debug_events_are_visible() {
         .unwrap()
         .contains("Message Type Switch"));
 
-    let metrics = service
-        .http
-        .get(format!("{}/metrics", service.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
+    let id = device["id"]["id"].as_str().unwrap().to_string();
+    let (status, _) = service
+        .post(
+            &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+            r#"{"version": "v.0.11"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let metrics_url = format!("{}/metrics", service.base_url);
+    let http = service.http.clone();
+    let metrics = wait_for(
+        "the downlink to be counted",
+        std::time::Duration::from_secs(30),
+        || async {
+            let text = http
+                .get(&metrics_url)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains("shardflow_downlinks_sent_total 1")
+                .then_some(text)
+        },
+    )
+    .await;
+    for expected in [
+        "shardflow_records_converted_total{integration=\"kinesis_integration\",shard=\"shardId-000000000000\"} 1",
+        "shardflow_checkpoint_age_seconds{integration=\"kinesis_integration\"",
+        "shardflow_downlinks_failed_total 0",
+        "shardflow_js_call_duration_seconds_bucket{le=\"+Inf\"}",
+        "shardflow_store_commit_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(expected), "no {expected} in\n{metrics}");
+    }
+    let js_calls = metrics
+        .lines()
+        .find(|l| l.starts_with("shardflow_js_call_duration_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .unwrap();
+    // The converter, the downlink converter, and no more than the log nodes.
+    assert!(js_calls >= 2, "{js_calls}");
     assert!(
         metrics.contains(
             "shardflow_rule_node_relation_total{chain=\"Root Rule Chain\",node=\"Message Type Switch\",relation=\"Post telemetry\"} 1"

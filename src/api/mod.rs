@@ -790,11 +790,22 @@ async fn ready(State(state): State<ApiState>) -> Response {
 async fn metrics(State(state): State<ApiState>) -> Response {
     let mut text = String::new();
     let snapshot = state.status.snapshot();
-    let series: [(&str, &str, &str); 4] = [
+    let now = msg::now_millis();
+    let series: [(&str, &str, &str); 6] = [
         (
             "shardflow_records_read_total",
             "counter",
             "Records read from the shard.",
+        ),
+        (
+            "shardflow_records_converted_total",
+            "counter",
+            "Records the uplink converter turned into messages.",
+        ),
+        (
+            "shardflow_checkpoint_age_seconds",
+            "gauge",
+            "Time since the shard's checkpoint last moved (0 before the first).",
         ),
         (
             "shardflow_records_failed_total",
@@ -816,10 +827,14 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for ((integration, shard), s) in &snapshot {
             let value = match name {
-                "shardflow_records_read_total" => s.records_read as i64,
-                "shardflow_records_failed_total" => s.records_failed as i64,
-                "shardflow_in_flight_records" => s.in_flight as i64,
-                _ => s.millis_behind_latest.unwrap_or(0),
+                "shardflow_records_read_total" => s.records_read as f64,
+                "shardflow_records_converted_total" => s.records_converted as f64,
+                "shardflow_checkpoint_age_seconds" => s
+                    .checkpoint_ms
+                    .map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0),
+                "shardflow_records_failed_total" => s.records_failed as f64,
+                "shardflow_in_flight_records" => s.in_flight as f64,
+                _ => s.millis_behind_latest.unwrap_or(0) as f64,
             };
             text.push_str(&format!(
                 "{name}{{integration=\"{}\",shard=\"{}\"}} {value}\n",
@@ -871,6 +886,34 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         text.push_str(&format!("shardflow_dead_letters {count}\n"));
     }
     rules::metrics(&state, &mut text);
+    let totals = &crate::status::TOTALS;
+    totals.js_call.write_prometheus(
+        &mut text,
+        "shardflow_js_call_duration_seconds",
+        "Duration of JavaScript calls (converters and script nodes).",
+    );
+    totals.store_commit.write_prometheus(
+        &mut text,
+        "shardflow_store_commit_duration_seconds",
+        "Duration of store commits (a batch with its fsync).",
+    );
+    for (name, help, value) in [
+        (
+            "shardflow_downlinks_sent_total",
+            "Downlink records accepted by PutRecords.",
+            &totals.downlinks_sent,
+        ),
+        (
+            "shardflow_downlinks_failed_total",
+            "Downlink messages that could not be sent (routed to Failure).",
+            &totals.downlinks_failed,
+        ),
+    ] {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+            value.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+    }
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -224,9 +224,10 @@ impl JsRuntime {
             Some(f) => f.clone(),
             None => return Err(JsError::Compile(format!("no compiled script `{key}`"))),
         };
+        let started = Instant::now();
         self.engine
             .deadline
-            .set(Some(Instant::now() + self.limits.call_timeout));
+            .set(Some(started + self.limits.call_timeout));
         let max_result_bytes = self.limits.max_result_bytes;
         let result = self.engine.context.with(|ctx| {
             let function = function
@@ -265,6 +266,7 @@ impl JsRuntime {
                 }
             }
         });
+        crate::status::TOTALS.js_call.record(started.elapsed());
         let timed_out = self
             .engine
             .deadline

@@ -133,6 +133,9 @@ impl ShardConsumer {
             .update(self.name(), &self.shard_id, |s| {
                 s.state = state;
                 s.in_flight = in_flight;
+                if s.checkpoint != checkpoint {
+                    s.checkpoint_ms = Some(crate::msg::now_millis());
+                }
                 s.checkpoint = checkpoint;
                 if error.is_some() {
                     s.last_error = error;
@@ -443,6 +446,12 @@ impl ShardConsumer {
                 .remove(&self.next_batch)
                 .expect("the batch was just seen");
             self.next_batch += 1;
+            let converted = batch.results.iter().filter(|r| r.is_ok()).count() as u64;
+            self.integration
+                .status
+                .update(self.name(), &self.shard_id, |s| {
+                    s.records_converted += converted
+                });
             for ((index, source), result) in batch.records.into_iter().zip(batch.results) {
                 if matches!(result, Err(ConvertError::PoolGone)) {
                     tracing::error!(integration = %self.name(), shard = %self.shard_id,

@@ -202,7 +202,10 @@ fn commit_with_retry(
 ) -> Vec<Result<(), StoreError>> {
     let mut pause = Duration::from_millis(100);
     loop {
-        match commit(conn, batch) {
+        let started = std::time::Instant::now();
+        let committed = commit(conn, batch);
+        crate::status::TOTALS.store_commit.record(started.elapsed());
+        match committed {
             Ok(outcomes) => {
                 if !writable.swap(true, Ordering::Relaxed) {
                     tracing::info!("store writable again; consumption resumes");

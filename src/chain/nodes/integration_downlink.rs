@@ -4,6 +4,7 @@
 //! PutRecords; Failure with the reason otherwise.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use serde_json::Value;
 
@@ -52,12 +53,25 @@ pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutpu
         };
         let records = match js.send(job).await {
             Ok(Ok(records)) => records,
-            Ok(Err(e)) => return vec![failure(env, format!("downlink converter failed: {e}"))],
+            Ok(Err(e)) => {
+                crate::status::TOTALS
+                    .downlinks_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                return vec![failure(env, format!("downlink converter failed: {e}"))];
+            }
             Err(e) => return vec![failure(env, format!("converter pool unavailable: {e}"))],
         };
+        let count = records.len() as u64;
+        let totals = &crate::status::TOTALS;
         match path.sender.send(records).await {
-            Ok(()) => vec![success(env)],
-            Err(e) => vec![failure(env, format!("downlink not sent: {e}"))],
+            Ok(()) => {
+                totals.downlinks_sent.fetch_add(count, Ordering::Relaxed);
+                vec![success(env)]
+            }
+            Err(e) => {
+                totals.downlinks_failed.fetch_add(1, Ordering::Relaxed);
+                vec![failure(env, format!("downlink not sent: {e}"))]
+            }
         }
     }))
 }
