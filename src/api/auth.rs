@@ -281,6 +281,15 @@ mod tests {
     }
 
     #[test]
+    fn tokens_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
+        let stale = auth.sign("u", 0, false);
+        assert_eq!(auth.verify(&stale).unwrap_err(), "token has expired");
+        assert!(auth.verify(&auth.sign("u", 60, false)).is_ok());
+    }
+
+    #[test]
     fn a_configured_hash_is_used_as_it_is() {
         let dir = tempfile::tempdir().unwrap();
         let hash = Secret::new(hash_password("s3cret").unwrap());
