@@ -32,16 +32,15 @@ use crate::store::{DataDirLock, Store, Write};
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 pub fn js_limits(config: &Config) -> JsLimits {
-    JsLimits {
-        call_timeout: Duration::from_millis(config.js.call_timeout_ms),
-        memory_limit_bytes: config.js.memory_limit_mb << 20,
-        max_result_bytes: config.js.max_result_kb << 10,
-    }
+    limits_of(&config.js)
 }
 
 /// The script limits of a default configuration.
 pub fn js_limits_default() -> JsLimits {
-    let js = crate::config::JsConfig::default();
+    limits_of(&crate::config::JsConfig::default())
+}
+
+fn limits_of(js: &crate::config::JsConfig) -> JsLimits {
     JsLimits {
         call_timeout: Duration::from_millis(js.call_timeout_ms),
         memory_limit_bytes: js.memory_limit_mb << 20,

@@ -103,11 +103,6 @@ impl ChainDef {
             .map(|n| n.name.as_str())
             .collect()
     }
-
-    /// Whether `key` names this chain: its id, file stem or name.
-    pub fn known_as(&self, key: &str) -> bool {
-        self.id == key || self.stem == key || self.name == key
-    }
 }
 
 /// One problem in a chain file.

@@ -142,11 +142,6 @@ impl RuleSet {
             frames: None,
         });
     }
-
-    /// Whether `engine` (a chain's actors) belongs to this set.
-    pub fn contains(&self, engine: &RuleEngine) -> bool {
-        self.chains.iter().any(|c| std::ptr::eq(&**c, engine))
-    }
 }
 
 fn aliases(chains: &[ChainDef]) -> HashMap<String, usize> {

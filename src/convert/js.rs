@@ -212,11 +212,6 @@ impl JsRuntime {
         self.engine.functions.remove(key);
     }
 
-    /// Forgets every compiled function whose key starts with `prefix`.
-    pub fn forget(&mut self, prefix: &str) {
-        self.engine.functions.retain(|k, _| !k.starts_with(prefix));
-    }
-
     /// Calls a compiled function and returns its result as JSON
     /// (`undefined` becomes `null`).
     pub fn call(&mut self, key: &str, args: &[JsArg<'_>]) -> Result<serde_json::Value, JsError> {

@@ -12,7 +12,6 @@ pub mod js;
 pub mod uplink;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -88,19 +87,6 @@ impl Script {
             origin: origin.into(),
             body: body.into(),
         })
-    }
-
-    pub fn load(kind: ScriptKind, path: &Path) -> std::io::Result<Arc<Script>> {
-        let body = std::fs::read_to_string(path)?;
-        Ok(Script::new(kind, path.display().to_string(), body))
-    }
-
-    /// Compiles the script in a throw-away runtime, to report syntax errors
-    /// before the service starts.
-    pub fn check(&self, limits: JsLimits) -> Result<(), JsError> {
-        let mut runtime = JsRuntime::new(limits)?;
-        let (name, params) = self.kind.signature();
-        runtime.compile("check", &self.origin, name, params, &self.body)
     }
 }
 
