@@ -242,24 +242,9 @@ impl JsRuntime {
             let value: Value = function
                 .call_arg(call_args)
                 .map_err(|e| JsError::Thrown(describe_error(&ctx, e)))?;
-            let text = ctx
-                .json_stringify(value)
-                .map_err(|e| JsError::Result(describe_error(&ctx, e)))?;
-            match text {
-                None => Ok(serde_json::Value::Null),
-                Some(text) => {
-                    let text = text
-                        .to_string()
-                        .map_err(|e| JsError::Result(e.to_string()))?;
-                    if text.len() > max_result_bytes {
-                        return Err(JsError::Result(format!(
-                            "the result is {} bytes of JSON, over the limit of {max_result_bytes}",
-                            text.len()
-                        )));
-                    }
-                    serde_json::from_str(&text).map_err(|e| JsError::Result(e.to_string()))
-                }
-            }
+            ResultData::new(&ctx, max_result_bytes)
+                .convert(value, 0)
+                .map(|v| v.unwrap_or_default())
         });
         crate::status::TOTALS.js_call.record(started.elapsed());
         let timed_out = self
@@ -327,6 +312,205 @@ impl Engine {
             deadline,
         })
     }
+}
+
+/// Turns a script's result into JSON data directly, as `JSON.stringify`
+/// and parsing its text would, without making the text: plain objects and
+/// arrays are walked in Rust (the bulk of a converter's result), and
+/// anything else (a `Date`, an object with `toJSON`, a boxed number, a
+/// proxy) goes through `JSON.stringify` itself. Numbers come out as the
+/// JSON text would read back: integral values as integers. The size limit
+/// counts what the JSON text would hold.
+struct ResultData<'a, 'js> {
+    ctx: &'a Ctx<'js>,
+    object_prototype: Option<Object<'js>>,
+    array_prototype: Option<Object<'js>>,
+    limit: usize,
+    size: usize,
+    /// The arrays and objects being converted, outermost first: meeting
+    /// one again means the result is circular.
+    path: Vec<Value<'js>>,
+}
+
+/// How deep a result may nest (converter results are a few levels deep).
+const MAX_RESULT_DEPTH: usize = 200;
+
+impl<'a, 'js> ResultData<'a, 'js> {
+    fn new(ctx: &'a Ctx<'js>, limit: usize) -> Self {
+        let prototype = |name: &str| {
+            ctx.globals()
+                .get::<_, Object>(name)
+                .and_then(|c| c.get::<_, Object>("prototype"))
+                .ok()
+        };
+        ResultData {
+            ctx,
+            object_prototype: prototype("Object"),
+            array_prototype: prototype("Array"),
+            limit,
+            size: 0,
+            path: Vec::new(),
+        }
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<(), JsError> {
+        self.size += bytes;
+        if self.size > self.limit {
+            return Err(JsError::Result(format!(
+                "the result is over the limit of {} bytes of JSON",
+                self.limit
+            )));
+        }
+        Ok(())
+    }
+
+    /// `None` for what JSON leaves out (undefined, functions, symbols).
+    fn convert(
+        &mut self,
+        value: Value<'js>,
+        depth: usize,
+    ) -> Result<Option<serde_json::Value>, JsError> {
+        use rquickjs::Type;
+        if depth > MAX_RESULT_DEPTH {
+            return Err(JsError::Result(format!(
+                "the result is nested deeper than {MAX_RESULT_DEPTH} levels"
+            )));
+        }
+        let data = match value.type_of() {
+            Type::Uninitialized
+            | Type::Undefined
+            | Type::Function
+            | Type::Constructor
+            | Type::Symbol => return Ok(None),
+            Type::Null => {
+                self.charge(4)?;
+                serde_json::Value::Null
+            }
+            Type::Bool => {
+                self.charge(5)?;
+                serde_json::Value::Bool(value.as_bool().unwrap_or(false))
+            }
+            Type::Int => {
+                self.charge(11)?;
+                serde_json::Value::from(value.as_int().unwrap_or(0))
+            }
+            Type::Float => {
+                self.charge(24)?;
+                json_number(value.as_float().unwrap_or(f64::NAN))
+            }
+            Type::String => {
+                let text = value
+                    .as_string()
+                    .and_then(|s| s.to_string().ok())
+                    .ok_or_else(|| {
+                        JsError::Result("a string of the result is not valid text".into())
+                    })?;
+                self.charge(text.len() + 2)?;
+                serde_json::Value::String(text)
+            }
+            Type::Array if self.is_plain(&value, &self.array_prototype) => {
+                self.enter(&value)?;
+                let array = self.array(value, depth)?;
+                self.path.pop();
+                array
+            }
+            Type::Object if self.is_plain(&value, &self.object_prototype) => {
+                self.enter(&value)?;
+                let object = self.object(value, depth)?;
+                self.path.pop();
+                object
+            }
+            _ => return self.stringified(value),
+        };
+        Ok(Some(data))
+    }
+
+    fn enter(&mut self, container: &Value<'js>) -> Result<(), JsError> {
+        if self.path.contains(container) {
+            return Err(JsError::Result(
+                "the result is a circular structure, which JSON cannot hold".into(),
+            ));
+        }
+        self.path.push(container.clone());
+        Ok(())
+    }
+
+    /// An array or object of the standard prototype (or none), without
+    /// its own `toJSON`.
+    fn is_plain(&self, value: &Value<'js>, standard: &Option<Object<'js>>) -> bool {
+        let Some(object) = value.as_object() else {
+            return false;
+        };
+        let prototype_ok = match object.get_prototype() {
+            None => true,
+            Some(prototype) => standard.as_ref() == Some(&prototype),
+        };
+        prototype_ok && !object.contains_key("toJSON").unwrap_or(true)
+    }
+
+    fn array(&mut self, value: Value<'js>, depth: usize) -> Result<serde_json::Value, JsError> {
+        let array = value.into_array().expect("checked to be an array");
+        self.charge(2)?;
+        let mut items = Vec::with_capacity(array.len());
+        for item in array.iter::<Value>() {
+            let item = item.map_err(|e| JsError::Result(describe_error(self.ctx, e)))?;
+            self.charge(1)?;
+            items.push(self.convert(item, depth + 1)?.unwrap_or_default());
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+
+    fn object(&mut self, value: Value<'js>, depth: usize) -> Result<serde_json::Value, JsError> {
+        let object = value.into_object().expect("checked to be an object");
+        self.charge(2)?;
+        let mut map = serde_json::Map::new();
+        for prop in object.props::<String, Value>() {
+            let (key, item) = prop.map_err(|e| JsError::Result(describe_error(self.ctx, e)))?;
+            if let Some(item) = self.convert(item, depth + 1)? {
+                self.charge(key.len() + 4)?;
+                map.insert(key, item);
+            }
+        }
+        Ok(serde_json::Value::Object(map))
+    }
+
+    /// What is no plain data: as `JSON.stringify` has it.
+    fn stringified(&mut self, value: Value<'js>) -> Result<Option<serde_json::Value>, JsError> {
+        let text = self
+            .ctx
+            .json_stringify(value)
+            .map_err(|e| JsError::Result(describe_error(self.ctx, e)))?;
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let text = text
+            .to_string()
+            .map_err(|e| JsError::Result(e.to_string()))?;
+        self.charge(text.len())?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| JsError::Result(e.to_string()))
+    }
+}
+
+/// A JS number as JSON text would carry it: not-finite numbers are null,
+/// integral ones (within 64 bits) integers, as `JSON.stringify` then
+/// parsing would give.
+fn json_number(f: f64) -> serde_json::Value {
+    if !f.is_finite() {
+        return serde_json::Value::Null;
+    }
+    if f.fract() == 0.0 && f.abs() < 1e21 {
+        if f >= i64::MIN as f64 && f < i64::MAX as f64 {
+            return serde_json::Value::from(f as i64);
+        }
+        if f >= 0.0 && f < u64::MAX as f64 {
+            return serde_json::Value::from(f as u64);
+        }
+    }
+    serde_json::Number::from_f64(f)
+        .map(serde_json::Value::Number)
+        .unwrap_or_default()
 }
 
 fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
@@ -512,6 +696,57 @@ mod tests {
 mod compatibility_tests {
     use super::tests::{runtime, runtime_with};
     use super::*;
+
+    /// The direct conversion of results gives what JSON.stringify and
+    /// parsing the text give, value kinds included.
+    #[test]
+    fn results_convert_as_json_stringify_would() {
+        let cases = [
+            "22", "22.0", "-0", "0.1", "1e21", "1e20", "2e19", "9007199254740993", "NaN",
+            "Infinity", "'text'", "'\\u00e9\\u4e2d'", "true", "null", "[1, undefined, function () {}, , 3]",
+            "({a: 1, b: undefined, c: function () {}, d: [{e: null}]})",
+            "({toJSON: function () { return {replaced: true}; }})",
+            "new Date(0)", "Object.create(null)", "new Number(5)", "new String('s')",
+            "[new Boolean(false)]", "({nested: {deeper: {deepest: [1.5, -2, 'x']}}})",
+            "(function () { var o = {}; Object.defineProperty(o, 'hidden', {value: 1, enumerable: false}); o.shown = 2; return o; })()",
+            "(function () { var o = {}; Object.defineProperty(o, 'lazy', {get: function () { return 7; }, enumerable: true}); return o; })()",
+            "new Error('e')", "/re/g", "new Map([[1, 2]])", "[[], {}]",
+        ];
+        let mut js = runtime();
+        for (i, case) in cases.iter().enumerate() {
+            let direct = format!("d{i}");
+            js.compile(&direct, "t.js", "F", "", &format!("return {case};"))
+                .unwrap();
+            let text = format!("t{i}");
+            js.compile(
+                &text,
+                "t.js",
+                "F",
+                "",
+                &format!(
+                    "var s = JSON.stringify({case}); return s === undefined ? undefined : '' + s;"
+                ),
+            )
+            .unwrap();
+            let converted = js.call(&direct, &[]).unwrap();
+            let through_text = match js.call(&text, &[]).unwrap() {
+                serde_json::Value::String(text) => serde_json::from_str(&text).unwrap(),
+                other => other,
+            };
+            assert_eq!(converted, through_text, "{case}");
+        }
+    }
+
+    #[test]
+    fn circular_and_big_int_results_are_errors() {
+        let mut js = runtime();
+        js.compile("c", "t.js", "F", "", "var o = {}; o.self = o; return o;")
+            .unwrap();
+        assert!(matches!(js.call("c", &[]), Err(JsError::Result(_))));
+        js.compile("b", "t.js", "F", "", "return {n: 10n};")
+            .unwrap();
+        assert!(js.call("b", &[]).is_err());
+    }
 
     #[test]
     fn a_script_cannot_change_built_ins_for_the_next_call() {
