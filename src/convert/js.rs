@@ -163,6 +163,9 @@ struct Engine {
     // Field order matters: functions must drop before the context and the
     // runtime that own them.
     functions: HashMap<String, Persistent<Function<'static>>>,
+    /// `Object.prototype` and `Array.prototype`, which tell plain result
+    /// data (frozen at start, so they stay the same).
+    prototypes: [Persistent<Object<'static>>; 2],
     context: Context,
     _runtime: Runtime,
     deadline: Rc<Cell<Option<Instant>>>,
@@ -224,6 +227,7 @@ impl JsRuntime {
             .deadline
             .set(Some(started + self.limits.call_timeout));
         let max_result_bytes = self.limits.max_result_bytes;
+        let prototypes = self.engine.prototypes.clone();
         let result = self.engine.context.with(|ctx| {
             let function = function
                 .restore(&ctx)
@@ -242,7 +246,12 @@ impl JsRuntime {
             let value: Value = function
                 .call_arg(call_args)
                 .map_err(|e| JsError::Thrown(describe_error(&ctx, e)))?;
-            ResultData::new(&ctx, max_result_bytes)
+            let [object_prototype, array_prototype] = prototypes.map(|p| p.restore(&ctx));
+            let (object_prototype, array_prototype) = (
+                object_prototype.map_err(|e| JsError::Thrown(e.to_string()))?,
+                array_prototype.map_err(|e| JsError::Thrown(e.to_string()))?,
+            );
+            ResultData::new(&ctx, object_prototype, array_prototype, max_result_bytes)
                 .convert(value, 0)
                 .map(|v| v.unwrap_or_default())
         });
@@ -305,7 +314,20 @@ impl Engine {
             ctx.eval::<(), _>(PRELUDE)
                 .map_err(|e| JsError::Compile(describe_error(&ctx, e)))
         })?;
+        let prototypes = context.with(|ctx| {
+            let prototype = |name: &str| {
+                ctx.globals()
+                    .get::<_, Object>(name)
+                    .and_then(|c| c.get::<_, Object>("prototype"))
+            };
+            Ok::<_, rquickjs::Error>([
+                Persistent::save(&ctx, prototype("Object")?),
+                Persistent::save(&ctx, prototype("Array")?),
+            ])
+        });
+        let prototypes = prototypes.map_err(|e| JsError::Compile(e.to_string()))?;
         Ok(Engine {
+            prototypes,
             functions: HashMap::new(),
             context,
             _runtime: runtime,
@@ -336,17 +358,16 @@ struct ResultData<'a, 'js> {
 const MAX_RESULT_DEPTH: usize = 200;
 
 impl<'a, 'js> ResultData<'a, 'js> {
-    fn new(ctx: &'a Ctx<'js>, limit: usize) -> Self {
-        let prototype = |name: &str| {
-            ctx.globals()
-                .get::<_, Object>(name)
-                .and_then(|c| c.get::<_, Object>("prototype"))
-                .ok()
-        };
+    fn new(
+        ctx: &'a Ctx<'js>,
+        object_prototype: Object<'js>,
+        array_prototype: Object<'js>,
+        limit: usize,
+    ) -> Self {
         ResultData {
             ctx,
-            object_prototype: prototype("Object"),
-            array_prototype: prototype("Array"),
+            object_prototype: Some(object_prototype),
+            array_prototype: Some(array_prototype),
             limit,
             size: 0,
             path: Vec::new(),
