@@ -120,6 +120,7 @@ impl ShardReader for GeneratedReader {
             .map(|s| ShardInfo {
                 id: format!("shardId-{s:012}"),
                 parents: Vec::new(),
+                hash_range: None,
             })
             .collect();
         Box::pin(async move { Ok(shards) })
@@ -137,7 +138,9 @@ impl ShardReader for GeneratedReader {
     ) -> BoxFuture<'static, Result<Option<String>, ReadError>> {
         let index: usize = shard.trim_start_matches("shardId-").parse().unwrap_or(0);
         let offset = match position {
-            Position::After(sequence) => sequence.parse::<usize>().unwrap_or(0) % 1_000_000_000,
+            Position::After(sequence) | Position::At(sequence) => {
+                sequence.parse::<usize>().unwrap_or(0) % 1_000_000_000
+            }
             Position::Initial(_) => 0,
         };
         Box::pin(async move { Ok(Some(format!("{index}:{offset}"))) })

@@ -21,8 +21,13 @@ pub struct SourceRecord {
     pub stream: String,
     pub shard: String,
     pub sequence_number: String,
+    /// For a user record of a KPL aggregate: its sub-sequence number.
+    pub sub_sequence_number: Option<u64>,
     pub partition_key: String,
+    /// For a user record of a KPL aggregate: its explicit hash key.
+    pub explicit_hash_key: Option<String>,
     pub arrival_ms: i64,
+    /// The record's bytes (a user record's own bytes, for an aggregate).
     pub payload: Bytes,
 }
 

@@ -90,7 +90,9 @@ impl Replayer {
                 stream: letter.stream.clone(),
                 shard: letter.shard.clone(),
                 sequence_number: letter.sequence_number.clone(),
+                sub_sequence_number: letter.sub_sequence_number,
                 partition_key: letter.partition_key.clone(),
+                explicit_hash_key: None,
                 arrival_ms: letter.arrival_ms,
                 payload: letter.payload.into(),
             });

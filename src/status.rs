@@ -123,6 +123,9 @@ pub struct ShardStatus {
     pub records_failed: u64,
     /// When the checkpoint was last written (epoch ms).
     pub checkpoint_ms: Option<i64>,
+    /// User records of KPL aggregates dropped because their hash key is
+    /// outside the shard's range.
+    pub user_records_dropped: u64,
     pub in_flight: usize,
     pub last_error: Option<String>,
 }
@@ -137,6 +140,7 @@ impl Default for ShardStatus {
             records_converted: 0,
             records_failed: 0,
             checkpoint_ms: None,
+            user_records_dropped: 0,
             in_flight: 0,
             last_error: None,
         }

@@ -30,6 +30,7 @@ impl ShardReader for FaultyReader {
             Ok(vec![ShardInfo {
                 id: "shardId-000000000000".into(),
                 parents: vec![],
+                hash_range: None,
             }])
         })
     }
@@ -48,6 +49,7 @@ impl ShardReader for FaultyReader {
         let offset = match position {
             // Sequence numbers are offset + 1.
             Position::After(sequence) => sequence.parse::<usize>().unwrap(),
+            Position::At(sequence) => sequence.parse::<usize>().unwrap() - 1,
             Position::Initial(_) => 0,
         };
         Box::pin(async move { Ok(Some(offset.to_string())) })

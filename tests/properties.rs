@@ -162,6 +162,7 @@ impl ShardReader for Payloads {
             Ok(vec![ShardInfo {
                 id: "shardId-000000000000".into(),
                 parents: vec![],
+                hash_range: None,
             }])
         })
     }
@@ -178,6 +179,7 @@ impl ShardReader for Payloads {
     ) -> BoxFuture<'static, Result<Option<String>, ReadError>> {
         let offset = match position {
             Position::After(sequence) => sequence.parse::<usize>().unwrap(),
+            Position::At(sequence) => sequence.parse::<usize>().unwrap() - 1,
             Position::Initial(_) => 0,
         };
         Box::pin(async move { Ok(Some(offset.to_string())) })

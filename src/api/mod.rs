@@ -791,7 +791,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     let mut text = String::new();
     let snapshot = state.status.snapshot();
     let now = msg::now_millis();
-    let series: [(&str, &str, &str); 6] = [
+    let series: [(&str, &str, &str); 7] = [
         (
             "shardflow_records_read_total",
             "counter",
@@ -811,6 +811,11 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             "shardflow_records_failed_total",
             "counter",
             "Records kept as dead letters.",
+        ),
+        (
+            "shardflow_user_records_dropped_total",
+            "counter",
+            "User records of KPL aggregates dropped: hash key outside the shard's range.",
         ),
         (
             "shardflow_in_flight_records",
@@ -833,6 +838,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
                     .checkpoint_ms
                     .map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0),
                 "shardflow_records_failed_total" => s.records_failed as f64,
+                "shardflow_user_records_dropped_total" => s.user_records_dropped as f64,
                 "shardflow_in_flight_records" => s.in_flight as f64,
                 _ => s.millis_behind_latest.unwrap_or(0) as f64,
             };

@@ -553,6 +553,13 @@ fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
             object.set("partitionKey", record.partition_key.as_str())?;
             object.set("sequenceNumber", record.sequence_number.as_str())?;
             object.set("approximateArrivalTimestamp", record.arrival_ms.to_string())?;
+            // A user record of a KPL aggregate also says where it sits in it.
+            if let Some(sub) = record.sub_sequence_number {
+                object.set("subSequenceNumber", sub.to_string())?;
+            }
+            if let Some(key) = &record.explicit_hash_key {
+                object.set("explicitHashKey", key.as_str())?;
+            }
             Ok(object.into_value())
         }
         JsArg::Str(text) => rquickjs::String::from_str(ctx.clone(), text).map(|s| s.into_value()),

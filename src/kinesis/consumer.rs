@@ -10,6 +10,17 @@
 //! Records of the shard are decoded in batches; batches may finish on
 //! different converter workers in any order, but enter the chain in
 //! sequence order.
+//!
+//! KPL aggregated records are taken apart here: each user record is a
+//! record of its own for the converter, the chain and the window, under its
+//! Kinesis record's sequence number and its own sub-sequence number, so a
+//! checkpoint can fall inside an aggregate. User records whose hash key
+//! lies outside the shard's range are dropped and counted, as the KCL does.
+//!
+//! With enhanced fan-out the reader pushes records; the consumer asks it to
+//! wait for them ([`ShardReader::wait_ready`]) only while its window and
+//! the shared budget have room, so a full window stops the subscription
+//! from being read.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,8 +30,9 @@ use actix::prelude::*;
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use rand::Rng;
 
-use super::reader::{Fetched, Position, RawRecord, ReadError};
-use super::window::Window;
+use super::kpl;
+use super::reader::{Fetched, Position, RawRecord, ReadError, ShardReader};
+use super::window::{Done, SubRecord, Window};
 use super::Integration;
 use crate::chain::RuleSet;
 use crate::convert::{ConvertError, Decode, DecodeInput, Uplink};
@@ -41,6 +53,8 @@ enum Phase {
     Positioning,
     /// Ready to call GetRecords when allowed.
     Idle,
+    /// Waiting for a pushing reader to have records.
+    Waiting,
     /// A GetRecords call is under way.
     Fetching,
     /// The window is full; waiting for records to be done.
@@ -68,11 +82,61 @@ pub struct ShardConsumer {
     converted: BTreeMap<u64, ConvertedBatch>,
     /// Version of the rule set of the records last handed to the chain.
     forwarded_version: u64,
-    written_checkpoint: Option<String>,
+    written_checkpoint: Option<Done>,
     drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     poll_scheduled: bool,
     /// Budget reserved for the GetRecords call under way.
     reserved: usize,
+    /// A pushing reader has records ready (see [`ShardReader::wait_ready`]).
+    records_ready: bool,
+    /// After a restart inside an aggregate: its sequence number and the
+    /// last user record already done, skipped when it is read again.
+    skip_through: Option<(String, u64)>,
+    /// The shard's hash key range, for user records of aggregates.
+    hash_range: Option<(u128, u128)>,
+    /// Set until the first read after a stored checkpoint: whether that
+    /// checkpoint is older than the stream's retention.
+    gap_check: Option<GapCheck>,
+}
+
+/// Where a consumer starts.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The shard's stored checkpoint (with a sequence number), if any.
+    pub checkpoint: Option<crate::store::Checkpoint>,
+    /// Where a shard without checkpoint starts.
+    pub initial: crate::config::InitialPosition,
+    pub hash_range: Option<(u128, u128)>,
+    /// The stream's retention period, when known.
+    pub retention_ms: Option<i64>,
+}
+
+/// A stored checkpoint to compare with the stream's retention.
+#[derive(Debug, Clone, Copy)]
+struct GapCheck {
+    /// When the checkpoint's record arrived (or, for checkpoints stored
+    /// without that time, when the checkpoint was written).
+    checkpoint_ms: i64,
+    retention_ms: i64,
+}
+
+impl GapCheck {
+    /// The oldest arrival time records can still have.
+    fn trim_horizon_ms(&self) -> i64 {
+        crate::msg::now_millis() - self.retention_ms
+    }
+
+    fn expired(&self) -> bool {
+        self.checkpoint_ms < self.trim_horizon_ms()
+    }
+}
+
+/// A record about to enter the window, with its share of its Kinesis
+/// record's bytes and budget reservation.
+struct Pending {
+    record: SourceRecord,
+    payload_share: usize,
+    budget_records: usize,
 }
 
 struct ConvertedBatch {
@@ -83,17 +147,35 @@ struct ConvertedBatch {
 }
 
 impl ShardConsumer {
-    /// A consumer that starts after `checkpoint`, or else at `initial`.
-    pub fn new(
-        integration: Arc<Integration>,
-        shard_id: String,
-        checkpoint: Option<String>,
-        initial: crate::config::InitialPosition,
-    ) -> Self {
-        let start = match &checkpoint {
-            Some(sequence) => Position::After(sequence.clone()),
-            None => Position::Initial(initial),
+    /// A consumer that starts after its checkpoint, or else at its
+    /// initial position.
+    pub fn new(integration: Arc<Integration>, shard_id: String, from: Start) -> Self {
+        let stored = from
+            .checkpoint
+            .as_ref()
+            .and_then(|c| Some((c.sequence_number.clone()?, c)));
+        let start = match &stored {
+            Some((sequence, c)) if c.sub_sequence_number.is_some() => {
+                Position::At(sequence.clone())
+            }
+            Some((sequence, _)) => Position::After(sequence.clone()),
+            None => Position::Initial(from.initial),
         };
+        let skip_through = stored
+            .as_ref()
+            .and_then(|(sequence, c)| Some((sequence.clone(), c.sub_sequence_number?)));
+        let gap_check = match (&stored, from.retention_ms) {
+            (Some((_, c)), Some(retention_ms)) => Some(GapCheck {
+                checkpoint_ms: c.arrival_ms.unwrap_or(c.updated_ms),
+                retention_ms,
+            }),
+            _ => None,
+        };
+        let checkpoint = stored.map(|(sequence_number, c)| Done {
+            sequence_number,
+            sub_sequence_number: c.sub_sequence_number,
+            arrival_ms: c.arrival_ms.unwrap_or(c.updated_ms),
+        });
         ShardConsumer {
             integration,
             shard_id,
@@ -114,7 +196,15 @@ impl ShardConsumer {
             drain_waiters: Vec::new(),
             poll_scheduled: false,
             reserved: 0,
+            records_ready: false,
+            skip_through,
+            hash_range: from.hash_range,
+            gap_check,
         }
+    }
+
+    fn reader(&self) -> &dyn ShardReader {
+        self.integration.reader.as_ref()
     }
 
     fn name(&self) -> &str {
@@ -127,7 +217,7 @@ impl ShardConsumer {
 
     fn set_state(&self, state: ShardState, error: Option<String>) {
         let in_flight = self.window.records();
-        let checkpoint = self.written_checkpoint.clone();
+        let checkpoint = self.written_checkpoint.as_ref().map(Done::to_string);
         self.integration
             .status
             .update(self.name(), &self.shard_id, |s| {
@@ -180,17 +270,30 @@ impl ShardConsumer {
             Err((code, message))
                 if code == "InvalidArgumentException"
                     && self.last_fetched.is_none()
-                    && matches!(self.start, Position::After(_)) =>
+                    && matches!(self.start, Position::After(_) | Position::At(_)) =>
             {
-                // The checkpoint's sequence number is not of this stream: it
-                // was deleted and created again under the same name. Read
-                // the new stream from its start rather than never.
-                tracing::warn!(
-                    integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
-                    checkpoint = ?self.start, error = %message,
-                    "the checkpoint does not belong to this stream (re-created?); reading the shard from TRIM_HORIZON"
-                );
+                if let Some(check) = self.gap_check.take().filter(GapCheck::expired) {
+                    // Refused because the records after it have expired.
+                    let horizon = check.trim_horizon_ms();
+                    tracing::error!(
+                        integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                        checkpoint = ?self.start, error = %message,
+                        checkpoint_arrival_ms = check.checkpoint_ms, trim_horizon_ms = horizon,
+                        gap_ms = horizon - check.checkpoint_ms,
+                        "the checkpoint is older than the stream's retention period: records put after it until the trim horizon may have expired unread; reading the shard from TRIM_HORIZON"
+                    );
+                } else {
+                    // The checkpoint's sequence number is not of this stream:
+                    // it was deleted and created again under the same name.
+                    // Read the new stream from its start rather than never.
+                    tracing::warn!(
+                        integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                        checkpoint = ?self.start, error = %message,
+                        "the checkpoint does not belong to this stream (re-created?); reading the shard from TRIM_HORIZON"
+                    );
+                }
                 self.start = Position::Initial(crate::config::InitialPosition::TrimHorizon);
+                self.skip_through = None;
                 self.position(ctx);
             }
             Err((code, message)) => {
@@ -225,7 +328,10 @@ impl ShardConsumer {
 
     /// Records this shard's own window has room for.
     fn room(&self) -> usize {
-        self.integration.pipeline.max_in_flight_records - self.window.records()
+        self.integration
+            .pipeline
+            .max_in_flight_records
+            .saturating_sub(self.window.records())
     }
 
     fn poll(&mut self, ctx: &mut Context<Self>) {
@@ -257,6 +363,16 @@ impl ShardConsumer {
         let Some(iterator) = self.iterator.clone() else {
             return;
         };
+        if self.reader().pushes() && !self.records_ready {
+            // Nothing is taken from a push stream until there is room.
+            self.phase = Phase::Waiting;
+            let wait = self.reader().wait_ready(&iterator);
+            ctx.spawn(
+                wait.into_actor(self)
+                    .map(|result, consumer, ctx| consumer.waited(result, ctx)),
+            );
+            return;
+        }
         let wanted = (self.integration.config.max_records as usize).min(self.room());
         let reserved = self.integration.budget.reserve(wanted);
         if reserved == 0 {
@@ -272,6 +388,20 @@ impl ShardConsumer {
             call.into_actor(self)
                 .map(|result, consumer, ctx| consumer.fetched(result, ctx)),
         );
+    }
+
+    fn waited(&mut self, result: Result<(), ReadError>, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Waiting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.records_ready = true;
+                self.phase = Phase::Idle;
+                self.poll(ctx);
+            }
+            Err((code, message)) => self.fetch_failed(code, message, ctx),
+        }
     }
 
     /// One timer at a time.
@@ -304,8 +434,10 @@ impl ShardConsumer {
             Err((code, message)) => return self.fetch_failed(code, message, ctx),
         };
         self.backoff = Duration::ZERO;
+        self.records_ready = false;
         let behind = output.millis_behind_latest;
         let fetched = output.records.len();
+        self.check_retention_gap(&output);
 
         if let Err(e) = self.accept(output.records, ctx) {
             tracing::error!(
@@ -323,7 +455,8 @@ impl ShardConsumer {
             });
 
         // Caught up: wait before the next call, longer while it stays so.
-        if fetched == 0 && behind == Some(0) {
+        // A pushing reader waits for records itself.
+        if fetched == 0 && behind == Some(0) && !self.reader().pushes() {
             self.idle_wait = (self.idle_wait * 2).clamp(Duration::from_millis(200), MAX_IDLE_WAIT);
             self.next_call_at = self.next_call_at.max(Instant::now() + self.idle_wait);
         } else {
@@ -340,38 +473,67 @@ impl ShardConsumer {
         }
     }
 
+    /// On the first read after a stored checkpoint: if the checkpoint is
+    /// older than the stream's retention, the records after it may have
+    /// expired before they were read. Kinesis cannot say whether any did,
+    /// so the possible gap (from the checkpoint's record to the first
+    /// record read, or to the trim horizon) is logged at ERROR.
+    fn check_retention_gap(&mut self, output: &Fetched) {
+        let Some(check) = self.gap_check else {
+            return;
+        };
+        let first = output.records.first();
+        if first.is_none() && output.millis_behind_latest != Some(0) {
+            // An empty answer that is not caught up says nothing yet.
+            return;
+        }
+        self.gap_check = None;
+        if !check.expired() {
+            return;
+        }
+        let (until_ms, until) = match first {
+            Some(record) => (record.arrival_ms, "the first record read"),
+            None => (check.trim_horizon_ms(), "the trim horizon"),
+        };
+        tracing::error!(
+            integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+            checkpoint = %self.written_checkpoint.as_ref().map(Done::to_string).unwrap_or_default(),
+            checkpoint_arrival_ms = check.checkpoint_ms,
+            first_read_sequence_number = first.map(|r| r.sequence_number.as_str()).unwrap_or(""),
+            retention_hours = check.retention_ms / 3_600_000,
+            gap_ms = until_ms - check.checkpoint_ms,
+            "the checkpoint is older than the stream's retention period: records put between it and {until} may have expired unread"
+        );
+    }
+
     /// Puts fetched records in the window and sends them to the converter.
     fn accept(&mut self, records: Vec<RawRecord>, ctx: &mut Context<Self>) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
         }
-        let config = &self.integration.config;
         let mut batch = Vec::with_capacity(records.len());
         let mut inputs = Vec::with_capacity(records.len());
         for record in records {
-            let index = self
-                .window
-                .push(
-                    &record.sequence_number,
-                    record.data.len(),
-                    record.arrival_ms,
-                )
-                .map_err(|e| e.to_string())?;
-            self.integration.budget.take_bytes(record.data.len());
             self.last_fetched = Some(record.sequence_number.clone());
-            let source = Arc::new(SourceRecord {
-                integration: config.name.clone(),
-                stream: config.stream_name.clone(),
-                shard: self.shard_id.clone(),
-                sequence_number: record.sequence_number,
-                partition_key: record.partition_key,
-                arrival_ms: record.arrival_ms,
-                payload: record.data,
-            });
-            inputs.push(DecodeInput {
-                record: source.clone(),
-            });
-            batch.push((index, source));
+            for (sub, source) in self.user_records(record) {
+                let bytes = source.payload_share;
+                let index = self
+                    .window
+                    .push(
+                        &source.record.sequence_number,
+                        sub,
+                        bytes,
+                        source.budget_records,
+                        source.record.arrival_ms,
+                    )
+                    .map_err(|e| e.to_string())?;
+                self.integration.budget.take_bytes(bytes);
+                let record = Arc::new(source.record);
+                inputs.push(DecodeInput {
+                    record: record.clone(),
+                });
+                batch.push((index, record));
+            }
         }
 
         // Small decode jobs spread a fetch over the converter workers and
@@ -391,6 +553,123 @@ impl ShardConsumer {
             self.send_decode(job, records, set.clone(), ctx);
         }
         Ok(())
+    }
+
+    /// The records a Kinesis record stands for: itself, or the user records
+    /// of a KPL aggregate (less those already done before a restart and
+    /// those outside the shard's hash key range). Together they hold the
+    /// record's budget reservation and bytes.
+    fn user_records(&mut self, record: RawRecord) -> Vec<(Option<SubRecord>, Pending)> {
+        let skip = self
+            .skip_through
+            .take()
+            .filter(|(sequence, _)| *sequence == record.sequence_number)
+            .map(|(_, sub)| sub);
+        let config = &self.integration.config;
+        let plain = |record: RawRecord| SourceRecord {
+            integration: config.name.clone(),
+            stream: config.stream_name.clone(),
+            shard: self.shard_id.clone(),
+            sequence_number: record.sequence_number,
+            sub_sequence_number: None,
+            partition_key: record.partition_key,
+            explicit_hash_key: None,
+            arrival_ms: record.arrival_ms,
+            payload: record.data,
+        };
+        let users = match kpl::deaggregate(&record.data) {
+            None => None,
+            Some(Ok(users)) => Some(users),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    integration = %config.name, stream = %config.stream_name, shard = %self.shard_id,
+                    sequence_number = %record.sequence_number, error = %e,
+                    "record starts like a KPL aggregate but is not one; passed on as a plain record"
+                );
+                None
+            }
+        };
+        let Some(users) = users else {
+            let bytes = record.data.len();
+            return vec![(
+                None,
+                Pending {
+                    record: plain(record),
+                    payload_share: bytes,
+                    budget_records: 1,
+                },
+            )];
+        };
+
+        let total = record.data.len();
+        let mut dropped = 0;
+        let mut kept: Vec<(u64, kpl::UserRecord)> = Vec::with_capacity(users.len());
+        for (number, user) in users.into_iter().enumerate() {
+            let number = number as u64;
+            if skip.is_some_and(|done| number <= done) {
+                continue;
+            }
+            let hash = kpl::hash_key(&user.partition_key, user.explicit_hash_key.as_deref());
+            let outside = matches!((self.hash_range, hash), (Some((low, high)), Some(h)) if h < low || h > high);
+            if outside {
+                dropped += 1;
+                continue;
+            }
+            kept.push((number, user));
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                integration = %config.name, stream = %config.stream_name, shard = %self.shard_id,
+                sequence_number = %record.sequence_number, dropped,
+                "user records of a KPL aggregate whose hash key is outside the shard's range were dropped (as the KCL does after a reshard)"
+            );
+            self.integration
+                .status
+                .update(&config.name, &self.shard_id, |s| {
+                    s.user_records_dropped += dropped;
+                });
+        }
+        if kept.is_empty() {
+            // Nothing to do for it: its reservation goes back at once.
+            self.integration.budget.give_back(1, 0);
+            return Vec::new();
+        }
+
+        let count = kept.len();
+        let mut shared = 0;
+        kept.into_iter()
+            .enumerate()
+            .map(|(n, (number, user))| {
+                let last = n + 1 == count;
+                // The last user record also carries the aggregate's own
+                // bytes, so that the shares add up to the record's size.
+                let share = if last {
+                    total - shared
+                } else {
+                    user.data.len()
+                };
+                shared += share;
+                let source = SourceRecord {
+                    integration: config.name.clone(),
+                    stream: config.stream_name.clone(),
+                    shard: self.shard_id.clone(),
+                    sequence_number: record.sequence_number.clone(),
+                    sub_sequence_number: Some(number),
+                    partition_key: user.partition_key,
+                    explicit_hash_key: user.explicit_hash_key,
+                    arrival_ms: record.arrival_ms,
+                    payload: user.data,
+                };
+                (
+                    Some(SubRecord { number, last }),
+                    Pending {
+                        record: source,
+                        payload_share: share,
+                        budget_records: usize::from(last),
+                    },
+                )
+            })
+            .collect()
     }
 
     fn send_decode(
@@ -527,10 +806,11 @@ impl ShardConsumer {
                 | "ThrottlingException"
         );
         if throttled {
-            tracing::warn!(integration = %self.name(), shard = %self.shard_id, retry_in_ms = wait.as_millis() as u64, "GetRecords throttled; backing off");
+            tracing::warn!(integration = %self.name(), shard = %self.shard_id, retry_in_ms = wait.as_millis() as u64,
+                "{} throttled; backing off", self.reader().read_call());
         } else {
             tracing::warn!(integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
-                error = %error, retry_in_ms = wait.as_millis() as u64, "GetRecords failed; retrying");
+                error = %error, retry_in_ms = wait.as_millis() as u64, "{} failed; retrying", self.reader().read_call());
             self.set_state(ShardState::Retrying, Some(error));
         }
         self.next_call_at = Instant::now() + wait;
@@ -577,15 +857,18 @@ impl ShardConsumer {
     }
 
     fn checkpoint_write(&self, shard_end: bool) -> Write {
+        let done = self
+            .window
+            .checkpoint()
+            .or(self.written_checkpoint.as_ref())
+            .cloned();
         Write::Checkpoint {
             application: self.integration.config.application_name.clone(),
             stream: self.stream().to_string(),
             shard: self.shard_id.clone(),
-            sequence_number: self
-                .window
-                .checkpoint()
-                .map(str::to_string)
-                .or_else(|| self.written_checkpoint.clone()),
+            sequence_number: done.as_ref().map(|d| d.sequence_number.clone()),
+            sub_sequence_number: done.as_ref().and_then(|d| d.sub_sequence_number),
+            arrival_ms: done.as_ref().map(|d| d.arrival_ms),
             shard_end,
         }
     }
@@ -593,7 +876,7 @@ impl ShardConsumer {
     /// Writes the checkpoint if it moved. Everything it covers is already
     /// committed (tickets are released only after their commit).
     fn save_checkpoint(&mut self) {
-        let current = self.window.checkpoint().map(str::to_string);
+        let current = self.window.checkpoint().cloned();
         if current.is_none() || current == self.written_checkpoint {
             return;
         }
@@ -709,7 +992,9 @@ impl ShardConsumer {
             }
         }
         if let Some(timing) = self.window.complete(index) {
-            self.integration.budget.give_back(timing.bytes);
+            self.integration
+                .budget
+                .give_back(timing.budget_records, timing.bytes);
             let status = &self.integration.status;
             status.handover_latency.record(timing.since_fetch);
             let since_arrival = crate::msg::now_millis() - timing.arrival_ms;

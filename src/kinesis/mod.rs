@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod consumer;
+pub mod kpl;
 pub mod producer;
 pub mod reader;
 pub mod window;
@@ -20,7 +21,7 @@ use crate::config::{InitialPosition, IntegrationConfig, PipelineConfig};
 use crate::convert::{ConverterWorker, Script};
 use crate::status::StatusBoard;
 use crate::store::{Store, Write};
-use consumer::{describe, Drain, ShardConsumer};
+use consumer::{describe, Drain, ShardConsumer, Start};
 use reader::{ShardInfo, ShardReader};
 
 /// An integration's shared runtime parts.
@@ -93,11 +94,13 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
             StreamIdentity::Recreated => InitialPosition::TrimHorizon,
             StreamIdentity::Same => integration.config.initial_position,
         };
+        let retention_ms = retention_ms(&integration).await;
         let mut supervisor = ShardSupervisor {
             integration: integration.clone(),
             arbiters,
             consumers,
             initial,
+            retention_ms,
             started: HashSet::new(),
         };
         let interval = Duration::from_millis(integration.pipeline.shard_sync_interval_ms);
@@ -130,6 +133,7 @@ struct ShardSupervisor {
     arbiters: Vec<ArbiterHandle>,
     consumers: Consumers,
     initial: InitialPosition,
+    retention_ms: Option<i64>,
     started: HashSet<String>,
 }
 
@@ -182,11 +186,13 @@ impl ShardSupervisor {
             } else {
                 self.latest_resolved(&shard.id, checkpoint.as_ref()).await
             };
-            self.spawn(
-                shard.id.clone(),
-                checkpoint.and_then(|c| c.sequence_number),
+            let start = Start {
+                checkpoint: checkpoint.filter(|c| c.sequence_number.is_some()),
                 initial,
-            );
+                hash_range: shard.hash_range,
+                retention_ms: self.retention_ms,
+            };
+            self.spawn(shard.id.clone(), start);
         }
     }
 
@@ -218,7 +224,7 @@ impl ShardSupervisor {
         InitialPosition::Latest
     }
 
-    fn spawn(&mut self, id: String, checkpoint: Option<String>, initial: InitialPosition) {
+    fn spawn(&mut self, id: String, start: Start) {
         // Listed as starting before the actor runs, so /ready waits for it.
         self.integration
             .status
@@ -227,7 +233,7 @@ impl ShardSupervisor {
         let arbiter = &self.arbiters[self.started.len() % self.arbiters.len()];
         self.started.insert(id.clone());
         let addr = ShardConsumer::start_in_arbiter(arbiter, move |_| {
-            ShardConsumer::new(integration, id, checkpoint, initial)
+            ShardConsumer::new(integration, id, start)
         });
         self.consumers.0.lock().expect("consumers lock").push(addr);
     }
@@ -285,6 +291,25 @@ async fn check_stream_identity(integration: &Integration) -> StreamIdentity {
         StreamIdentity::Recreated
     } else {
         StreamIdentity::Same
+    }
+}
+
+/// The stream's retention period, to tell checkpoints whose next records
+/// may have expired; `None` (no such check) when it cannot be read.
+async fn retention_ms(integration: &Integration) -> Option<i64> {
+    let config = &integration.config;
+    match integration
+        .reader
+        .retention_hours(&config.stream_name)
+        .await
+    {
+        Ok(hours) => hours.map(|h| h * 3_600_000),
+        Err((code, message)) => {
+            tracing::warn!(integration = %config.name, stream = %config.stream_name,
+                error = %format!("{code}: {message}"),
+                "cannot read the stream's retention period; checkpoints older than it will not be told");
+            None
+        }
     }
 }
 

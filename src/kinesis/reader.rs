@@ -25,6 +25,9 @@ pub enum Position {
     /// Right after this sequence number (a checkpoint, or the last record
     /// fetched).
     After(String),
+    /// At this sequence number: a checkpoint inside a KPL aggregate, whose
+    /// record is read again to reach the user records after it.
+    At(String),
     Initial(InitialPosition),
 }
 
@@ -34,6 +37,9 @@ pub struct ShardInfo {
     pub id: String,
     /// ParentShardId and AdjacentParentShardId, when present.
     pub parents: Vec<String>,
+    /// The shard's hash key range (inclusive), when known: user records of
+    /// a KPL aggregate outside it are dropped, as the KCL does.
+    pub hash_range: Option<(u128, u128)>,
 }
 
 /// One record as read from a shard.
@@ -81,6 +87,31 @@ pub trait ShardReader: Send + Sync + 'static {
 
     /// Least time between two `records` calls on one shard.
     fn call_interval(&self) -> Duration;
+
+    /// The stream's retention period in hours, to tell a checkpoint whose
+    /// next records may have expired; `None` if unknown.
+    fn retention_hours(&self, _stream: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Whether records are pushed to the reader (enhanced fan-out) rather
+    /// than polled: the consumer then calls [`ShardReader::wait_ready`]
+    /// before it reserves room for records, and never waits between calls.
+    fn pushes(&self) -> bool {
+        false
+    }
+
+    /// Waits until `records` on `iterator` can answer at once (records, the
+    /// shard's end, or an error are there), without taking any. A polling
+    /// reader answers at once.
+    fn wait_ready(&self, _iterator: &str) -> BoxFuture<'static, Result<(), ReadError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The API call that reads records, for log messages.
+    fn read_call(&self) -> &'static str {
+        "GetRecords"
+    }
 }
 
 /// Reads with the AWS SDK; calls run on the I/O runtime.
@@ -111,18 +142,7 @@ impl ShardReader for KinesisReader {
         let stream = stream.to_string();
         self.spawn(async move {
             let shards = super::list_shards(&client, &stream).await?;
-            Ok(shards
-                .iter()
-                .map(|s| ShardInfo {
-                    id: s.shard_id().to_string(),
-                    parents: s
-                        .parent_shard_id()
-                        .into_iter()
-                        .chain(s.adjacent_parent_shard_id())
-                        .map(str::to_string)
-                        .collect(),
-                })
-                .collect())
+            Ok(shards.iter().map(shard_info).collect())
         })
     }
 
@@ -150,6 +170,9 @@ impl ShardReader for KinesisReader {
         let request = match position.clone() {
             Position::After(sequence) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(sequence),
+            Position::At(sequence) => request
+                .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
                 .starting_sequence_number(sequence),
             Position::Initial(InitialPosition::Latest) => {
                 request.shard_iterator_type(ShardIteratorType::Latest)
@@ -205,5 +228,35 @@ impl ShardReader for KinesisReader {
 
     fn call_interval(&self) -> Duration {
         KINESIS_CALL_INTERVAL
+    }
+
+    fn retention_hours(&self, stream: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {
+        let request = self.client.describe_stream_summary().stream_name(stream);
+        self.spawn(async move {
+            let output = request.send().await.map_err(|e| describe(&e))?;
+            Ok(output
+                .stream_description_summary()
+                .map(|d| i64::from(d.retention_period_hours())))
+        })
+    }
+}
+
+/// A listed shard as the consumer needs it.
+pub fn shard_info(shard: &aws_sdk_kinesis::types::Shard) -> ShardInfo {
+    let hash_range = shard.hash_key_range().and_then(|range| {
+        Some((
+            super::kpl::parse_hash_key(range.starting_hash_key())?,
+            super::kpl::parse_hash_key(range.ending_hash_key())?,
+        ))
+    });
+    ShardInfo {
+        id: shard.shard_id().to_string(),
+        parents: shard
+            .parent_shard_id()
+            .into_iter()
+            .chain(shard.adjacent_parent_shard_id())
+            .map(str::to_string)
+            .collect(),
+        hash_range,
     }
 }

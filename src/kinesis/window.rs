@@ -50,10 +50,45 @@ impl std::fmt::Display for SequenceNumber {
 
 struct Slot {
     sequence_number: String,
+    sub: Option<SubRecord>,
     bytes: usize,
+    /// Budget records the slot holds: 1 for the last (or only) slot of a
+    /// Kinesis record, 0 for the other user records of an aggregate.
+    budget_records: usize,
     done: bool,
     fetched_at: Instant,
     arrival_ms: i64,
+}
+
+/// Where a user record sits in its KPL aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubRecord {
+    /// Its sub-sequence number (index in the aggregate).
+    pub number: u64,
+    /// Whether it is the last user record of the aggregate that is read.
+    pub last: bool,
+}
+
+/// How far a shard is done: a record, or a user record inside an
+/// aggregate, and when that record arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    pub sequence_number: String,
+    /// Set while only part of an aggregate is done: the sub-sequence
+    /// number of its last done user record. `None` once the whole record
+    /// is done.
+    pub sub_sequence_number: Option<u64>,
+    /// The record's ApproximateArrivalTimestamp, epoch milliseconds.
+    pub arrival_ms: i64,
+}
+
+impl std::fmt::Display for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.sub_sequence_number {
+            Some(sub) => write!(f, "{}/{sub}", self.sequence_number),
+            None => f.write_str(&self.sequence_number),
+        }
+    }
 }
 
 /// The process-wide share of the in-flight bound: all shards together hold
@@ -103,9 +138,11 @@ impl Budget {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// A record is done: its reservation and bytes are free again.
-    pub fn give_back(&self, bytes: usize) {
-        self.records.fetch_sub(1, Ordering::AcqRel);
+    /// A record is done: its reservation and bytes are free again. The
+    /// user records of an aggregate hold one reservation together, given
+    /// back with the last of them (`records` is 0 for the others).
+    pub fn give_back(&self, records: usize, bytes: usize) {
+        self.records.fetch_sub(records, Ordering::AcqRel);
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
@@ -121,6 +158,8 @@ impl Budget {
 pub struct Timing {
     /// The record's payload size.
     pub bytes: usize,
+    /// Budget records it held (see [`Budget::give_back`]).
+    pub budget_records: usize,
     /// From hand-over to the pipeline until done.
     pub since_fetch: Duration,
     /// The record's ApproximateArrivalTimestamp, epoch milliseconds.
@@ -133,9 +172,9 @@ pub struct Window {
     base: u64,
     slots: VecDeque<Slot>,
     bytes: usize,
-    /// The newest sequence number every record up to which is done.
-    checkpoint: Option<String>,
-    last_sequence: Option<SequenceNumber>,
+    /// The newest record (or user record) every one up to which is done.
+    checkpoint: Option<Done>,
+    last_key: Option<(SequenceNumber, Option<u64>)>,
 }
 
 /// Why a record could not enter the window.
@@ -145,6 +184,12 @@ pub enum WindowError {
     BadSequenceNumber(String),
     #[error("sequence number {new} is not after {previous}: records out of order")]
     OutOfOrder { previous: String, new: String },
+    #[error("user record {sequence_number}/{sub} is not after {previous_sub}: user records out of order")]
+    SubOutOfOrder {
+        sequence_number: String,
+        previous_sub: String,
+        sub: u64,
+    },
 }
 
 impl Default for Window {
@@ -160,31 +205,57 @@ impl Window {
             slots: VecDeque::new(),
             bytes: 0,
             checkpoint: None,
-            last_sequence: None,
+            last_key: None,
         }
     }
 
-    /// Adds a fetched record; returns its index for [`Window::complete`].
+    /// Adds a fetched record, or one user record of an aggregate (`sub`);
+    /// returns its index for [`Window::complete`]. Records must come in
+    /// sequence order, and user records of one aggregate in sub-sequence
+    /// order.
     pub fn push(
         &mut self,
         sequence_number: &str,
+        sub: Option<SubRecord>,
         bytes: usize,
+        budget_records: usize,
         arrival_ms: i64,
     ) -> Result<u64, WindowError> {
         let parsed = SequenceNumber::parse(sequence_number)
             .ok_or_else(|| WindowError::BadSequenceNumber(sequence_number.to_string()))?;
-        if let Some(previous) = &self.last_sequence {
-            if parsed <= *previous {
+        if let Some((previous, previous_sub)) = &self.last_key {
+            if parsed < *previous {
                 return Err(WindowError::OutOfOrder {
                     previous: previous.to_string(),
                     new: parsed.to_string(),
                 });
             }
+            if parsed == *previous {
+                let new_sub = sub.map(|s| s.number);
+                let after = matches!((previous_sub, new_sub), (Some(p), Some(n)) if n > *p);
+                if !after {
+                    return match new_sub {
+                        Some(sub) => Err(WindowError::SubOutOfOrder {
+                            sequence_number: parsed.to_string(),
+                            previous_sub: previous_sub
+                                .map(|p| p.to_string())
+                                .unwrap_or_else(|| "the whole record".into()),
+                            sub,
+                        }),
+                        None => Err(WindowError::OutOfOrder {
+                            previous: previous.to_string(),
+                            new: parsed.to_string(),
+                        }),
+                    };
+                }
+            }
         }
-        self.last_sequence = Some(parsed);
+        self.last_key = Some((parsed, sub.map(|s| s.number)));
         self.slots.push_back(Slot {
             sequence_number: sequence_number.to_string(),
+            sub,
             bytes,
+            budget_records,
             done: false,
             fetched_at: Instant::now(),
             arrival_ms,
@@ -204,6 +275,7 @@ impl Window {
         slot.done = true;
         let timing = Timing {
             bytes: slot.bytes,
+            budget_records: slot.budget_records,
             since_fetch: slot.fetched_at.elapsed(),
             arrival_ms: slot.arrival_ms,
         };
@@ -211,7 +283,11 @@ impl Window {
             let slot = self.slots.pop_front().expect("front exists");
             self.bytes -= slot.bytes;
             self.base += 1;
-            self.checkpoint = Some(slot.sequence_number);
+            self.checkpoint = Some(Done {
+                sub_sequence_number: slot.sub.filter(|s| !s.last).map(|s| s.number),
+                sequence_number: slot.sequence_number,
+                arrival_ms: slot.arrival_ms,
+            });
         }
         Some(timing)
     }
@@ -230,8 +306,8 @@ impl Window {
         (!self.slots.is_empty()).then_some(self.base)
     }
 
-    pub fn checkpoint(&self) -> Option<&str> {
-        self.checkpoint.as_deref()
+    pub fn checkpoint(&self) -> Option<&Done> {
+        self.checkpoint.as_ref()
     }
 
     pub fn records(&self) -> usize {
@@ -254,15 +330,15 @@ mod tests {
     #[test]
     fn checkpoint_waits_for_every_earlier_record() {
         let mut w = Window::new();
-        let a = w.push("100", 10, 0).unwrap();
-        let b = w.push("200", 10, 0).unwrap();
-        let c = w.push("300", 10, 0).unwrap();
+        let a = w.push("100", None, 10, 1, 0).unwrap();
+        let b = w.push("200", None, 10, 1, 0).unwrap();
+        let c = w.push("300", None, 10, 1, 0).unwrap();
         w.complete(c);
         assert_eq!(w.checkpoint(), None);
         w.complete(a);
-        assert_eq!(w.checkpoint(), Some("100"));
+        assert_eq!(w.checkpoint().unwrap().to_string(), "100");
         w.complete(b);
-        assert_eq!(w.checkpoint(), Some("300"));
+        assert_eq!(w.checkpoint().unwrap().to_string(), "300");
         assert!(w.is_empty());
         assert_eq!(w.bytes(), 0);
     }
@@ -275,23 +351,51 @@ mod tests {
         assert_eq!(budget.reserve(1), 0);
         budget.unreserve(3);
         assert_eq!(budget.reserve(5), 3);
-        budget.give_back(0);
+        budget.give_back(1, 0);
         assert!(budget.has_room());
     }
 
     #[test]
     fn sequence_numbers_compare_as_numbers_not_text() {
         let mut w = Window::new();
-        w.push("9", 1, 0).unwrap();
+        w.push("9", None, 1, 1, 0).unwrap();
         // As text "10" < "9"; as numbers it is later.
-        assert!(w.push("10", 1, 0).is_ok());
+        assert!(w.push("10", None, 1, 1, 0).is_ok());
         assert!(matches!(
-            w.push("10", 1, 0),
+            w.push("10", None, 1, 1, 0),
             Err(WindowError::OutOfOrder { .. })
         ));
         let long = "49599874927422395224927130964668873176443726009932447746";
         let longer = "49599874927422395224927130964668873176443726009932447747";
         assert!(SequenceNumber::parse(long) < SequenceNumber::parse(longer));
         assert!(SequenceNumber::parse("0099") < SequenceNumber::parse("100"));
+    }
+
+    #[test]
+    fn a_checkpoint_inside_an_aggregate_carries_the_sub_sequence_number() {
+        let mut w = Window::new();
+        let sub = |number, last| Some(SubRecord { number, last });
+        let a = w.push("100", sub(0, false), 5, 0, 7).unwrap();
+        let b = w.push("100", sub(1, false), 5, 0, 7).unwrap();
+        let c = w.push("100", sub(2, true), 5, 1, 7).unwrap();
+        assert!(matches!(
+            w.push("100", sub(2, true), 5, 1, 7),
+            Err(WindowError::SubOutOfOrder { .. })
+        ));
+        assert!(matches!(
+            w.push("100", None, 5, 1, 7),
+            Err(WindowError::OutOfOrder { .. })
+        ));
+        w.complete(a);
+        w.complete(b);
+        let done = w.checkpoint().unwrap();
+        assert_eq!(done.sub_sequence_number, Some(1));
+        assert_eq!(done.to_string(), "100/1");
+        // The last user record done: the whole record is.
+        let timing = w.complete(c).unwrap();
+        assert_eq!(timing.budget_records, 1);
+        assert_eq!(w.checkpoint().unwrap().sub_sequence_number, None);
+        assert_eq!(w.checkpoint().unwrap().arrival_ms, 7);
+        assert!(w.push("101", None, 1, 1, 8).is_ok());
     }
 }

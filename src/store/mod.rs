@@ -115,6 +115,15 @@ pub struct TsValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     pub sequence_number: Option<String>,
+    /// Set when the checkpoint falls inside a KPL aggregate: the last done
+    /// user record's sub-sequence number. A restart re-reads the aggregate
+    /// and skips its user records up to this one.
+    pub sub_sequence_number: Option<u64>,
+    /// When the checkpoint's record arrived in the stream (epoch ms), to
+    /// tell whether the records after it may have expired unread.
+    pub arrival_ms: Option<i64>,
+    /// When the checkpoint was written (epoch ms).
+    pub updated_ms: i64,
     pub shard_end: bool,
     /// When a shard first started at LATEST (epoch ms), kept until its
     /// first checkpoint, so a restart before then resumes from that time.
@@ -130,6 +139,9 @@ pub struct DeadLetter {
     pub stream: String,
     pub shard: String,
     pub sequence_number: String,
+    /// For a user record of a KPL aggregate, its sub-sequence number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub_sequence_number: Option<u64>,
     pub partition_key: String,
     #[serde(skip)]
     pub payload: Vec<u8>,
@@ -261,6 +273,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     application TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL,
     sequence_number TEXT, shard_end INTEGER NOT NULL DEFAULT 0,
     updated_ms INTEGER NOT NULL, latest_from_ms INTEGER,
+    sub_sequence_number INTEGER, arrival_ms INTEGER,
     PRIMARY KEY (application, stream, shard)
 );
 CREATE TABLE IF NOT EXISTS streams (
@@ -284,9 +297,21 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     sequence_number TEXT NOT NULL, partition_key TEXT NOT NULL,
     payload BLOB NOT NULL, error TEXT NOT NULL,
     chain TEXT, node TEXT, message TEXT,
-    replayed_ms INTEGER, arrival_ms INTEGER
+    replayed_ms INTEGER, arrival_ms INTEGER, sub_sequence_number INTEGER
 );
 ";
+
+/// `ALTER TABLE <column>`, where a column that is already there is fine.
+fn add_column(conn: &Connection, column: &str) -> Result<(), StoreError> {
+    match conn.execute_batch(&format!("ALTER TABLE {column}")) {
+        Err(rusqlite::Error::SqliteFailure(_, Some(message)))
+            if message.contains("duplicate column name") =>
+        {
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -324,6 +349,15 @@ impl Store {
         write_conn.execute_batch(
             "CREATE INDEX IF NOT EXISTS ts_kv_expiry ON ts_kv (expires_ms) WHERE expires_ms IS NOT NULL",
         )?;
+        // Databases made before KPL aggregates were taken apart and before
+        // retention gaps were told.
+        for column in [
+            "checkpoints ADD COLUMN sub_sequence_number INTEGER",
+            "checkpoints ADD COLUMN arrival_ms INTEGER",
+            "dead_letters ADD COLUMN sub_sequence_number INTEGER",
+        ] {
+            add_column(&write_conn, column)?;
+        }
         let reader = open_connection(&path)?;
         let entities = load_entities(&reader)?;
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -531,14 +565,18 @@ impl Store {
     ) -> Result<Option<Checkpoint>, StoreError> {
         self.read(|conn| {
             conn.query_row(
-                "SELECT sequence_number, shard_end, latest_from_ms FROM checkpoints
-                 WHERE application = ?1 AND stream = ?2 AND shard = ?3",
+                "SELECT sequence_number, shard_end, latest_from_ms, sub_sequence_number,
+                        arrival_ms, updated_ms
+                 FROM checkpoints WHERE application = ?1 AND stream = ?2 AND shard = ?3",
                 params![application, stream, shard],
                 |row| {
                     Ok(Checkpoint {
                         sequence_number: row.get(0)?,
                         shard_end: row.get::<_, i64>(1)? != 0,
                         latest_from_ms: row.get(2)?,
+                        sub_sequence_number: row.get::<_, Option<i64>>(3)?.map(|n| n as u64),
+                        arrival_ms: row.get(4)?,
+                        updated_ms: row.get(5)?,
                     })
                 },
             )
@@ -574,7 +612,7 @@ impl Store {
             let mut stmt = conn.prepare(
                 "SELECT id, created_ms, integration, stream, shard, sequence_number, partition_key,
                         payload, error, chain, node, message, replayed_ms,
-                        coalesce(arrival_ms, created_ms)
+                        coalesce(arrival_ms, created_ms), sub_sequence_number
                  FROM dead_letters
                  WHERE (?1 = '' OR instr(',' || ?1 || ',', ',' || id || ',') > 0)
                    AND (?2 IS NULL OR created_ms >= ?2)
@@ -604,6 +642,7 @@ impl Store {
                         message: row.get(11)?,
                         replayed_ms: row.get(12)?,
                         arrival_ms: row.get(13)?,
+                        sub_sequence_number: row.get::<_, Option<i64>>(14)?.map(|n| n as u64),
                     })
                 },
             )?;

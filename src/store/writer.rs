@@ -67,6 +67,10 @@ pub enum Write {
         stream: String,
         shard: String,
         sequence_number: Option<String>,
+        /// Inside a KPL aggregate: the last done user record.
+        sub_sequence_number: Option<u64>,
+        /// When the checkpoint's record arrived (epoch ms).
+        arrival_ms: Option<i64>,
         shard_end: bool,
     },
     /// Records the time a shard without checkpoint started at LATEST.
@@ -106,6 +110,7 @@ pub enum Write {
         stream: String,
         shard: String,
         sequence_number: String,
+        sub_sequence_number: Option<u64>,
         partition_key: String,
         payload: Vec<u8>,
         error: String,
@@ -130,6 +135,7 @@ impl Write {
             stream: source.stream.clone(),
             shard: source.shard.clone(),
             sequence_number: source.sequence_number.clone(),
+            sub_sequence_number: source.sub_sequence_number,
             partition_key: source.partition_key.clone(),
             payload: source.payload.to_vec(),
             error,
@@ -482,14 +488,19 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             stream,
             shard,
             sequence_number,
+            sub_sequence_number,
+            arrival_ms,
             shard_end,
         } => {
             conn.prepare_cached(
-                "INSERT INTO checkpoints (application, stream, shard, sequence_number, shard_end, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO checkpoints (application, stream, shard, sequence_number, shard_end,
+                   updated_ms, sub_sequence_number, arrival_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (application, stream, shard) DO UPDATE SET
                    sequence_number = excluded.sequence_number, shard_end = excluded.shard_end,
-                   updated_ms = excluded.updated_ms",
+                   updated_ms = excluded.updated_ms,
+                   sub_sequence_number = excluded.sub_sequence_number,
+                   arrival_ms = excluded.arrival_ms",
             )?
             .execute(params![
                 application,
@@ -497,7 +508,9 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 shard,
                 sequence_number,
                 *shard_end as i64,
-                crate::msg::now_millis()
+                crate::msg::now_millis(),
+                sub_sequence_number.map(|n| n as i64),
+                arrival_ms
             ])?;
         }
         Write::LatestFrom {
@@ -570,6 +583,7 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             stream,
             shard,
             sequence_number,
+            sub_sequence_number,
             partition_key,
             payload,
             error,
@@ -580,8 +594,9 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
         } => {
             conn.prepare_cached(
                 "INSERT INTO dead_letters (created_ms, integration, stream, shard, sequence_number,
-                   partition_key, payload, error, chain, node, message, arrival_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                   partition_key, payload, error, chain, node, message, arrival_ms,
+                   sub_sequence_number)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 crate::msg::now_millis(),
@@ -595,7 +610,8 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
                 chain,
                 node,
                 message,
-                arrival_ms
+                arrival_ms,
+                sub_sequence_number.map(|n| n as i64)
             ])?;
         }
     }

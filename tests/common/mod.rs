@@ -26,6 +26,14 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn start() -> Emulator {
+        Emulator::start_with(|_| {})
+    }
+
+    /// An emulator with some of its options changed (session length of
+    /// SubscribeToShard, enforced throughput limits...).
+    pub fn start_with(
+        change: impl FnOnce(&mut ferrokinesis::store::StoreOptions) + Send + 'static,
+    ) -> Emulator {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -35,13 +43,14 @@ impl Emulator {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let options = ferrokinesis::store::StoreOptions {
+                let mut options = ferrokinesis::store::StoreOptions {
                     create_stream_ms: 20,
                     delete_stream_ms: 20,
                     update_stream_ms: 20,
                     shard_limit: 64,
                     ..Default::default()
                 };
+                change(&mut options);
                 let (app, _store) = ferrokinesis::create_app(options);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 ready_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -153,6 +162,100 @@ pub async fn put_many(client: &Client, stream: &str, records: &[(String, Vec<u8>
     }
 }
 
+/// A KPL aggregated record (magic, protobuf `AggregatedRecord`, MD5 of
+/// the message) of `(partition key, explicit hash key, data)` user records,
+/// written here for the tests, independently of the decoder under test.
+pub fn kpl_aggregate(records: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut value: u64) {
+        loop {
+            let byte = (value & 0x7F) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn length_delimited(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+        varint(out, (field << 3) | 2);
+        varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+    fn index(table: &mut Vec<String>, key: &str) -> u64 {
+        match table.iter().position(|k| k == key) {
+            Some(i) => i as u64,
+            None => {
+                table.push(key.to_string());
+                table.len() as u64 - 1
+            }
+        }
+    }
+    let mut keys: Vec<String> = Vec::new();
+    let mut hash_keys: Vec<String> = Vec::new();
+    let mut encoded_records = Vec::new();
+    for (key, hash_key, data) in records {
+        let mut record = Vec::new();
+        varint(&mut record, 1 << 3);
+        varint(&mut record, index(&mut keys, key));
+        if let Some(hash_key) = hash_key {
+            varint(&mut record, 2 << 3);
+            varint(&mut record, index(&mut hash_keys, hash_key));
+        }
+        length_delimited(&mut record, 3, data);
+        encoded_records.push(record);
+    }
+    let mut message = Vec::new();
+    for key in &keys {
+        length_delimited(&mut message, 1, key.as_bytes());
+    }
+    for key in &hash_keys {
+        length_delimited(&mut message, 2, key.as_bytes());
+    }
+    for record in &encoded_records {
+        length_delimited(&mut message, 3, record);
+    }
+    use md5::Digest;
+    let mut out = vec![0xF3, 0x89, 0x9A, 0xC2];
+    out.extend_from_slice(&message);
+    out.extend_from_slice(&md5::Md5::digest(&message));
+    out
+}
+
+/// Puts one record with an explicit hash key.
+pub async fn put_with_hash_key(
+    client: &Client,
+    stream: &str,
+    partition_key: &str,
+    explicit_hash_key: &str,
+    data: &[u8],
+) -> String {
+    client
+        .put_record()
+        .stream_name(stream)
+        .partition_key(partition_key)
+        .explicit_hash_key(explicit_hash_key)
+        .data(Blob::new(data.to_vec()))
+        .send()
+        .await
+        .expect("put record")
+        .sequence_number()
+        .to_string()
+}
+
+/// The text of `/metrics`.
+pub async fn metrics(service: &Service) -> String {
+    service
+        .http
+        .get(format!("{}/metrics", service.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Every record of every shard of a stream, read from TRIM_HORIZON.
 pub async fn read_all(client: &Client, stream: &str) -> Vec<aws_sdk_kinesis::types::Record> {
     read_by_shard(client, stream)
@@ -236,6 +339,10 @@ pub struct Setup {
     pub extra: String,
     /// More keys of the `[http]` table.
     pub http_extra: String,
+    /// More `[pipeline]` keys.
+    pub pipeline_extra: String,
+    /// More keys of the `[[integration]]` table.
+    pub integration_extra: String,
 }
 
 impl Setup {
@@ -251,6 +358,8 @@ impl Setup {
             root_chain: read(&repo.join("rulechains/root.json")),
             extra: String::new(),
             http_extra: String::new(),
+            pipeline_extra: String::new(),
+            integration_extra: String::new(),
         }
     }
 }
@@ -298,6 +407,7 @@ password = "tenant"
 [pipeline]
 checkpoint_interval_ms = 200
 shard_sync_interval_ms = 300
+{pipeline_extra}
 
 [[integration]]
 name = "kinesis_integration"
@@ -311,9 +421,12 @@ application_name = "shardflow-test"
 initial_position = "{position}"
 max_records = 500
 endpoint_url = "{endpoint}"
+{integration_extra}
 "#,
         extra = setup.extra,
         http_extra = setup.http_extra,
+        pipeline_extra = setup.pipeline_extra,
+        integration_extra = setup.integration_extra,
         stream = setup.stream,
         position = setup.initial_position,
     );
