@@ -771,9 +771,19 @@ fn integration(
             "{label}: use_instance_metadata = true conflicts with static access keys"
         ));
     }
-    if raw.use_enhanced_fan_out {
+    let application_name = raw
+        .application_name
+        .clone()
+        .unwrap_or_else(|| format!("shardflow-{}", raw.name));
+    // With enhanced fan-out the application name is the stream consumer's
+    // name, which Kinesis restricts.
+    let consumer_name_ok = (1..=128).contains(&application_name.len())
+        && application_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if raw.use_enhanced_fan_out && !consumer_name_ok {
         problems.push(format!(
-            "{label}: use_enhanced_fan_out = true is not supported yet; set it to false (polling with GetRecords)"
+            "{label}: with use_enhanced_fan_out = true the application name {application_name:?} is the stream consumer's name: 1 to 128 of a-z, A-Z, 0-9, _ . - (set application_name)"
         ));
     }
     if let Some(url) = &raw.endpoint_url {
@@ -804,9 +814,7 @@ fn integration(
         return None;
     }
     Some(IntegrationConfig {
-        application_name: raw
-            .application_name
-            .unwrap_or_else(|| format!("shardflow-{}", raw.name)),
+        application_name,
         name: raw.name,
         uplink_converter,
         downlink_converter,

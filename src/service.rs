@@ -21,7 +21,7 @@ use crate::chain::{self, DownlinkSender, Rules, Services};
 use crate::config::{Config, IntegrationConfig};
 use crate::convert::js::JsLimits;
 use crate::convert::ConverterWorker;
-use crate::kinesis::reader::{KinesisReader, ShardReader};
+use crate::kinesis::reader::ShardReader;
 use crate::kinesis::{
     self, producer::DownlinkProducer, producer::ProducerSender, Consumers, Integration,
 };
@@ -262,11 +262,8 @@ async fn serve(
     auth: Arc<Auth>,
 ) -> anyhow::Result<()> {
     let reader_io = io.clone();
-    let kinesis_reader = move |_: &IntegrationConfig, client: &aws_sdk_kinesis::Client| {
-        Arc::new(KinesisReader {
-            client: client.clone(),
-            io: reader_io.clone(),
-        }) as Arc<dyn ShardReader>
+    let kinesis_reader = move |config: &IntegrationConfig, client: &aws_sdk_kinesis::Client| {
+        kinesis::reader_for(config, client, &reader_io)
     };
     let pipeline =
         Pipeline::start(&config, source, store.clone(), io.clone(), &kinesis_reader).await?;

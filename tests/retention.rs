@@ -191,7 +191,7 @@ fn a_checkpoint_older_than_the_retention_is_logged_at_error_with_the_gap() {
     "#;
     std::fs::write(dir.path().join("shardflow.toml"), config_text).unwrap();
     let config = Config::load(&dir.path().join("shardflow.toml")).unwrap();
-    let chain = shardflow::chain::loader::load(&config.root_chain).unwrap();
+    let source = shardflow::service::preflight(&config).unwrap();
     let store = Store::open(&config.data_dir).unwrap();
 
     // Checkpoints on record 2 of each shard: three days old on the first
@@ -227,7 +227,7 @@ fn a_checkpoint_older_than_the_retention_is_logged_at_error_with_the_gap() {
                             _: &aws_sdk_kinesis::Client| {
             reader.clone() as Arc<dyn ShardReader>
         };
-        let pipeline = Pipeline::start(&config, &chain, store, handle, &factory)
+        let pipeline = Pipeline::start(&config, source, store, handle, &factory)
             .await
             .unwrap();
         // 5 records on each of the first two shards, 8 on the third.

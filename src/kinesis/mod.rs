@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod consumer;
+pub mod fan_out;
 pub mod kpl;
 pub mod producer;
 pub mod reader;
@@ -22,7 +23,35 @@ use crate::convert::{ConverterWorker, Script};
 use crate::status::StatusBoard;
 use crate::store::{Store, Write};
 use consumer::{describe, Drain, ShardConsumer, Start};
-use reader::{ShardInfo, ShardReader};
+use reader::{KinesisReader, ShardInfo, ShardReader};
+
+/// The shard reader of an integration: GetRecords polling, or enhanced
+/// fan-out (SubscribeToShard) with `use_enhanced_fan_out`.
+pub fn reader_for(
+    config: &IntegrationConfig,
+    client: &Client,
+    io: &tokio::runtime::Handle,
+) -> Arc<dyn ShardReader> {
+    let polling = Arc::new(KinesisReader {
+        client: client.clone(),
+        io: io.clone(),
+    });
+    if !config.use_enhanced_fan_out {
+        return polling;
+    }
+    let api = Arc::new(fan_out::SdkFanOut {
+        client: client.clone(),
+        integration: config.name.clone(),
+    });
+    Arc::new(fan_out::FanOutReader::new(
+        polling,
+        api,
+        &config.stream_name,
+        &config.application_name,
+        &config.name,
+        io.clone(),
+    ))
+}
 
 /// An integration's shared runtime parts.
 pub struct Integration {

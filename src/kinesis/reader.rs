@@ -205,19 +205,7 @@ impl ShardReader for KinesisReader {
             .limit(limit);
         self.spawn(async move {
             let output = request.send().await.map_err(|e| describe(&e))?;
-            let records = output
-                .records()
-                .iter()
-                .map(|r| RawRecord {
-                    sequence_number: r.sequence_number().to_string(),
-                    partition_key: r.partition_key().unwrap_or_default().to_string(),
-                    arrival_ms: r
-                        .approximate_arrival_timestamp()
-                        .and_then(|t| t.to_millis().ok())
-                        .unwrap_or_else(crate::msg::now_millis),
-                    data: Bytes::copy_from_slice(r.data().as_ref()),
-                })
-                .collect();
+            let records = output.records().iter().map(raw_record).collect();
             Ok(Fetched {
                 records,
                 next_iterator: output.next_shard_iterator().map(str::to_string),
@@ -238,6 +226,19 @@ impl ShardReader for KinesisReader {
                 .stream_description_summary()
                 .map(|d| i64::from(d.retention_period_hours())))
         })
+    }
+}
+
+/// A record as the SDK returns it, as the consumer needs it.
+pub(crate) fn raw_record(record: &aws_sdk_kinesis::types::Record) -> RawRecord {
+    RawRecord {
+        sequence_number: record.sequence_number().to_string(),
+        partition_key: record.partition_key().unwrap_or_default().to_string(),
+        arrival_ms: record
+            .approximate_arrival_timestamp()
+            .and_then(|t| t.to_millis().ok())
+            .unwrap_or_else(crate::msg::now_millis),
+        data: Bytes::copy_from_slice(record.data().as_ref()),
     }
 }
 
