@@ -161,7 +161,7 @@ fn rejected_entries_are_retried_alone_in_key_order_within_the_limits() {
     let handle = io.handle().clone();
 
     let outcomes = actix::System::new().block_on(async move {
-        use actix::{Actor, AsyncContext};
+        use actix::Actor;
         // Room for every send at once, so they arrive in the order made.
         let producer = DownlinkProducer::create(move |ctx| {
             ctx.set_mailbox_capacity(4096);
