@@ -256,6 +256,44 @@ pub async fn metrics(service: &Service) -> String {
         .unwrap()
 }
 
+/// Puts many records with PutRecords, putting rejected entries again (for
+/// an emulator that enforces the shard write limits).
+pub async fn put_many_retrying(client: &Client, stream: &str, records: &[(String, Vec<u8>)]) {
+    for chunk in records.chunks(500) {
+        let mut pending: Vec<&(String, Vec<u8>)> = chunk.iter().collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !pending.is_empty() {
+            assert!(Instant::now() < deadline, "records not accepted in time");
+            let entries = pending
+                .iter()
+                .map(|(key, data)| {
+                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                        .partition_key(key)
+                        .data(Blob::new(data.clone()))
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let out = client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .expect("put records");
+            pending = pending
+                .into_iter()
+                .zip(out.records())
+                .filter(|(_, result)| result.error_code().is_some())
+                .map(|(record, _)| record)
+                .collect();
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 /// Every record of every shard of a stream, read from TRIM_HORIZON.
 pub async fn read_all(client: &Client, stream: &str) -> Vec<aws_sdk_kinesis::types::Record> {
     read_by_shard(client, stream)
