@@ -241,6 +241,13 @@ pub struct IntegrationConfig {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
     pub use_instance_metadata: bool,
+    /// A role to assume through STS with the credentials above (or the
+    /// chain's); its credentials sign the Kinesis calls.
+    pub role_arn: Option<String>,
+    pub external_id: Option<String>,
+    pub role_session_name: Option<String>,
+    /// STS endpoint for `role_arn` (default: the region's).
+    pub sts_endpoint_url: Option<String>,
     pub use_enhanced_fan_out: bool,
     pub application_name: String,
     pub initial_position: InitialPosition,
@@ -266,6 +273,14 @@ struct RawIntegration {
     secret_access_key: Option<Secret>,
     #[serde(default)]
     use_instance_metadata: bool,
+    #[serde(default)]
+    role_arn: Option<String>,
+    #[serde(default)]
+    external_id: Option<String>,
+    #[serde(default)]
+    role_session_name: Option<String>,
+    #[serde(default)]
+    sts_endpoint_url: Option<String>,
     #[serde(default)]
     use_enhanced_fan_out: bool,
     #[serde(default)]
@@ -786,12 +801,50 @@ fn integration(
             "{label}: with use_enhanced_fan_out = true the application name {application_name:?} is the stream consumer's name: 1 to 128 of a-z, A-Z, 0-9, _ . - (set application_name)"
         ));
     }
-    if let Some(url) = &raw.endpoint_url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+    for (key, url) in [
+        ("endpoint_url", &raw.endpoint_url),
+        ("sts_endpoint_url", &raw.sts_endpoint_url),
+    ] {
+        if let Some(url) = url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(format!(
+                    "{label}: {key} = {url:?} must start with http:// or https://"
+                ));
+            }
+        }
+    }
+    if let Some(role) = &raw.role_arn {
+        if !role.starts_with("arn:") || !role.contains(":role/") {
             problems.push(format!(
-                "{label}: endpoint_url = {url:?} must start with http:// or https://"
+                "{label}: role_arn = {role:?} is not a role ARN like arn:aws:iam::123456789012:role/name"
             ));
         }
+    } else {
+        for (key, set) in [
+            ("external_id", raw.external_id.is_some()),
+            ("role_session_name", raw.role_session_name.is_some()),
+            ("sts_endpoint_url", raw.sts_endpoint_url.is_some()),
+        ] {
+            if set {
+                problems.push(format!("{label}: `{key}` is only used with `role_arn`"));
+            }
+        }
+    }
+    if let Some(name) = &raw.role_session_name {
+        if !valid_session_name(name) {
+            problems.push(format!(
+                "{label}: role_session_name = {name:?} must have 2 to 64 of a-z, A-Z, 0-9 and + = , . @ _ -"
+            ));
+        }
+    }
+    if raw
+        .external_id
+        .as_ref()
+        .is_some_and(|id| !(2..=1224).contains(&id.len()))
+    {
+        problems.push(format!(
+            "{label}: external_id must have 2 to 1224 characters"
+        ));
     }
     let uplink_converter = base.join(&raw.uplink_converter);
     if !uplink_converter.is_file() {
@@ -823,12 +876,24 @@ fn integration(
         access_key_id: raw.access_key_id,
         secret_access_key: raw.secret_access_key,
         use_instance_metadata: raw.use_instance_metadata,
+        role_arn: raw.role_arn,
+        external_id: raw.external_id,
+        role_session_name: raw.role_session_name,
+        sts_endpoint_url: raw.sts_endpoint_url,
         use_enhanced_fan_out: raw.use_enhanced_fan_out,
         initial_position,
         max_records: max_records.clamp(1, 10_000) as i32,
         request_timeout_ms,
         endpoint_url: raw.endpoint_url,
     })
+}
+
+/// An STS role session name: 2 to 64 of `[\w+=,.@-]`.
+pub fn valid_session_name(name: &str) -> bool {
+    (2..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
 }
 
 /// Epoch milliseconds from an integer or an RFC 3339 UTC text.

@@ -381,6 +381,12 @@ pub struct Setup {
     pub pipeline_extra: String,
     /// More keys of the `[[integration]]` table.
     pub integration_extra: String,
+    /// The integration's credential keys (static test keys by default).
+    pub credentials: String,
+    /// Kinesis endpoint, when not the emulator's own (a proxy in front).
+    pub endpoint: Option<String>,
+    /// Environment of the service process, on top of a clean AWS one.
+    pub env: Vec<(String, String)>,
 }
 
 impl Setup {
@@ -398,6 +404,9 @@ impl Setup {
             http_extra: String::new(),
             pipeline_extra: String::new(),
             integration_extra: String::new(),
+            credentials: "access_key_id = \"test\"\nsecret_access_key = \"test\"".into(),
+            endpoint: None,
+            env: Vec::new(),
         }
     }
 }
@@ -453,8 +462,7 @@ uplink_converter = "converters/uplink.js"
 downlink_converter = "converters/downlink.js"
 stream_name = "{stream}"
 region = "us-east-1"
-access_key_id = "test"
-secret_access_key = "test"
+{credentials}
 application_name = "shardflow-test"
 initial_position = "{position}"
 max_records = 500
@@ -465,6 +473,8 @@ endpoint_url = "{endpoint}"
         http_extra = setup.http_extra,
         pipeline_extra = setup.pipeline_extra,
         integration_extra = setup.integration_extra,
+        credentials = setup.credentials,
+        endpoint = setup.endpoint.as_deref().unwrap_or(endpoint),
         stream = setup.stream,
         position = setup.initial_position,
     );
@@ -522,10 +532,28 @@ impl Service {
             .append(true)
             .open(dir.join("service.log"))
             .unwrap();
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        // No AWS settings from the machine: credentials, profiles and
+        // endpoints are only what the test gives, and the instance metadata
+        // service is never asked unless a test points it at a stand-in.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("AWS_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                dir.join("no-aws-credentials"),
+            )
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        command.envs(setup.env.iter().map(|(k, v)| (k, v)));
+        let child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
