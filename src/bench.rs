@@ -6,7 +6,9 @@
 //!    records, 1,000 devices, the walkthrough converter, the shipped root
 //!    chain, SQLite with durable commits);
 //! 2. through a Kinesis emulator running as its own process: a plain
-//!    GetRecords drain versus shardflow draining the same backlog;
+//!    GetRecords drain versus shardflow draining the same backlog, and the
+//!    same with enhanced fan-out (a plain SubscribeToShard drain versus
+//!    shardflow with `use_enhanced_fan_out`);
 //! 3. the converter alone in QuickJS versus Node.js on the same records;
 //! 4. scaling with converter workers and shard counts;
 //! 5. put-to-stored latency under light load through the emulator.
@@ -209,6 +211,7 @@ fn workspace(
     stream: &str,
     endpoint: &str,
     max_records: usize,
+    fan_out: bool,
 ) -> anyhow::Result<Config> {
     std::fs::create_dir_all(dir.join("converters"))?;
     std::fs::create_dir_all(dir.join("rulechains"))?;
@@ -229,6 +232,7 @@ secret_access_key = "bench"
 initial_position = "TRIM_HORIZON"
 max_records = {max_records}
 endpoint_url = "{endpoint}"
+use_enhanced_fan_out = {fan_out}
 "#
     );
     let path = dir.join("shardflow.toml");
@@ -247,12 +251,10 @@ async fn run_pipeline(
     let store = Store::open(&config.data_dir)?;
     reset_peak_rss();
     let kinesis_io = io.clone();
-    let factory = move |_: &IntegrationConfig, client: &aws_sdk_kinesis::Client| match &reader {
+    let factory = move |config: &IntegrationConfig, client: &aws_sdk_kinesis::Client| match &reader
+    {
         Some(reader) => reader.clone(),
-        None => Arc::new(KinesisReader {
-            client: client.clone(),
-            io: kinesis_io.clone(),
-        }) as Arc<dyn ShardReader>,
+        None => crate::kinesis::reader_for(config, client, &kinesis_io),
     };
     let started = Instant::now();
     let pipeline = Pipeline::start(config, source, store, io.clone(), &factory).await?;
@@ -295,7 +297,7 @@ async fn generated_run_at(
     offered: Option<f64>,
 ) -> anyhow::Result<PipelineRun> {
     let dir = tempfile::tempdir()?;
-    let config = workspace(dir.path(), "generated", "http://127.0.0.1:9", 10_000)?;
+    let config = workspace(dir.path(), "generated", "http://127.0.0.1:9", 10_000, false)?;
     let reader = Arc::new(GeneratedReader::new(shards, total / shards, size, offered));
     run_pipeline(io, &config, Some(reader), total / shards * shards).await
 }
@@ -578,6 +580,86 @@ async fn plain_drain(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Drains a stream with one SubscribeToShard subscription per shard from
+/// TRIM_HORIZON (renewed when it ends), doing nothing with records.
+async fn plain_fan_out_drain(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    total: usize,
+) -> anyhow::Result<f64> {
+    use aws_sdk_kinesis::types::{StartingPosition, SubscribeToShardEventStream};
+    let stream_arn = client
+        .describe_stream_summary()
+        .stream_name(stream)
+        .send()
+        .await?
+        .stream_description_summary()
+        .map(|s| s.stream_arn().to_string())
+        .context("no stream description")?;
+    let name = format!("bench-plain-{}", crate::msg::now_millis());
+    let consumer = client
+        .register_stream_consumer()
+        .stream_arn(&stream_arn)
+        .consumer_name(&name)
+        .send()
+        .await?
+        .consumer()
+        .map(|c| c.consumer_arn().to_string())
+        .context("no consumer")?;
+    loop {
+        let status = client
+            .describe_stream_consumer()
+            .consumer_arn(&consumer)
+            .send()
+            .await?
+            .consumer_description()
+            .map(|c| c.consumer_status().as_str().to_string());
+        if status.as_deref() == Some("ACTIVE") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shards = crate::kinesis::list_shards(client, stream)
+        .await
+        .map_err(|(c, m)| anyhow::anyhow!("{c}: {m}"))?;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks = shards.iter().map(|shard| {
+        let (client, consumer, shard, seen) = (
+            client.clone(),
+            consumer.clone(),
+            shard.shard_id().to_string(),
+            seen.clone(),
+        );
+        tokio::spawn(async move {
+            let from = StartingPosition::builder()
+                .r#type(ShardIteratorType::TrimHorizon)
+                .build()?;
+            let mut output = client
+                .subscribe_to_shard()
+                .consumer_arn(&consumer)
+                .shard_id(&shard)
+                .starting_position(from)
+                .send()
+                .await?;
+            while seen.load(Ordering::Relaxed) < total {
+                match output.event_stream.recv().await? {
+                    Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)) => {
+                        seen.fetch_add(event.records().len(), Ordering::Relaxed);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task??;
+    }
+    Ok(seen.load(Ordering::Relaxed).min(total) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Put-to-stored latency: records put one at a time at `rate` per second.
 async fn light_load_latency(
     io: &tokio::runtime::Handle,
@@ -589,7 +671,7 @@ async fn light_load_latency(
     let stream = format!("bench-latency-{}", crate::msg::now_millis());
     create_stream(&client, &stream, 1).await?;
     let dir = tempfile::tempdir()?;
-    let config = workspace(dir.path(), &stream, endpoint, 1000)?;
+    let config = workspace(dir.path(), &stream, endpoint, 1000, false)?;
     let source = crate::service::preflight(&config)
         .map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
     let store = Store::open(&config.data_dir)?;
@@ -783,21 +865,50 @@ pub async fn run(options: BenchOptions, io: tokio::runtime::Handle) -> anyhow::R
         put_backlog(&client, &stream, options.records).await?;
         let plain = plain_drain(&client, &stream, options.records).await?;
         let dir = tempfile::tempdir()?;
-        let config = workspace(dir.path(), &stream, endpoint, 10_000)?;
+        let config = workspace(dir.path(), &stream, endpoint, 10_000, false)?;
         let drained = run_pipeline(&io, &config, None, options.records).await?;
         let ratio = drained.rate() / plain.min(small_rate);
-        table.push(("plain GetRecords drain".into(), format!("{plain:.0} rec/s")));
         table.push((
-            "shardflow drain (emulator)".into(),
+            "plain GetRecords drain".into(),
+            format!("{plain:.0} rec/s ({:.0} per shard)", plain / 4.0),
+        ));
+        table.push((
+            "shardflow drain, polling (emulator)".into(),
             format!(
-                "{:.0} rec/s, peak RSS {:.0} MB, ratio {ratio:.2} of min(plain, pipeline)",
+                "{:.0} rec/s ({:.0} per shard), peak RSS {:.0} MB, ratio {ratio:.2} of min(plain, pipeline)",
                 drained.rate(),
+                drained.rate() / 4.0,
                 drained.peak_rss_mb
+            ),
+        ));
+
+        // The same backlog again, with enhanced fan-out (new checkpoints).
+        let plain_fan_out = plain_fan_out_drain(&client, &stream, options.records).await?;
+        let dir = tempfile::tempdir()?;
+        let config = workspace(dir.path(), &stream, endpoint, 10_000, true)?;
+        let fanned = run_pipeline(&io, &config, None, options.records).await?;
+        let fan_out_ratio = fanned.rate() / plain_fan_out.min(small_rate);
+        table.push((
+            "plain SubscribeToShard drain".into(),
+            format!(
+                "{plain_fan_out:.0} rec/s ({:.0} per shard)",
+                plain_fan_out / 4.0
+            ),
+        ));
+        table.push((
+            "shardflow drain, fan-out (emulator)".into(),
+            format!(
+                "{:.0} rec/s ({:.0} per shard), peak RSS {:.0} MB, ratio {fan_out_ratio:.2} of min(plain, pipeline)",
+                fanned.rate(),
+                fanned.rate() / 4.0,
+                fanned.peak_rss_mb
             ),
         ));
         results.insert(
             "emulator".into(),
-            json!({"plain_drain_per_s": plain, "shardflow": drained.json(), "ratio": ratio}),
+            json!({"shards": 4, "plain_drain_per_s": plain, "shardflow": drained.json(), "ratio": ratio,
+                   "plain_fan_out_per_s": plain_fan_out, "shardflow_fan_out": fanned.json(),
+                   "fan_out_ratio": fan_out_ratio}),
         );
     } else {
         eprintln!("[2/5] skipped: no --endpoint");
