@@ -1044,6 +1044,52 @@ mod tests {
     }
 
     #[test]
+    fn assume_role_and_fan_out_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("u.js"), "return {};").unwrap();
+        let good = r#"
+            [[integration]]
+            name = "a"
+            uplink_converter = "u.js"
+            stream_name = "s"
+            role_arn = "arn:aws-cn:iam::123456789012:role/reader"
+            external_id = "ext-1"
+            role_session_name = "sf.session@1"
+            sts_endpoint_url = "http://127.0.0.1:1"
+            use_enhanced_fan_out = true
+        "#;
+        let config = Config::parse(good, dir.path()).unwrap();
+        let integration = &config.integrations[0];
+        assert_eq!(integration.role_arn.as_deref(), Some("arn:aws-cn:iam::123456789012:role/reader"));
+        assert!(integration.use_enhanced_fan_out);
+        assert_eq!(integration.application_name, "shardflow-a");
+
+        let bad = r#"
+            [[integration]]
+            name = "a b"
+            uplink_converter = "u.js"
+            stream_name = "s"
+            role_arn = "reader"
+            role_session_name = "x"
+            sts_endpoint_url = "127.0.0.1:1"
+            use_enhanced_fan_out = true
+            [[integration]]
+            name = "c"
+            uplink_converter = "u.js"
+            stream_name = "s"
+            external_id = "ext-1"
+        "#;
+        let problems = Config::parse(bad, dir.path()).unwrap_err();
+        let all = problems.join("\n");
+        assert_eq!(problems.len(), 5, "{all}");
+        assert!(all.contains("role_arn = \"reader\""), "{all}");
+        assert!(all.contains("role_session_name = \"x\""), "{all}");
+        assert!(all.contains("sts_endpoint_url"), "{all}");
+        assert!(all.contains("stream consumer's name"), "{all}");
+        assert!(all.contains("`external_id` is only used with `role_arn`"), "{all}");
+    }
+
+    #[test]
     fn secrets_are_not_printed() {
         let secret = Secret::new("hunter2");
         assert_eq!(format!("{secret:?}"), "\"***\"");

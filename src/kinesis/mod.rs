@@ -1,5 +1,7 @@
-//! The Kinesis side: shard discovery, one consumer actor per shard, and the
-//! downlink producer. It feeds the rule engine and knows nothing of HTTP.
+//! The Kinesis side: shard discovery, one consumer actor per shard (reading
+//! by polling GetRecords or by enhanced fan-out), KPL de-aggregation, and
+//! the downlink producer. It feeds the rule engine and knows nothing of
+//! HTTP.
 
 pub mod client;
 pub mod consumer;
