@@ -1060,7 +1060,10 @@ mod tests {
         "#;
         let config = Config::parse(good, dir.path()).unwrap();
         let integration = &config.integrations[0];
-        assert_eq!(integration.role_arn.as_deref(), Some("arn:aws-cn:iam::123456789012:role/reader"));
+        assert_eq!(
+            integration.role_arn.as_deref(),
+            Some("arn:aws-cn:iam::123456789012:role/reader")
+        );
         assert!(integration.use_enhanced_fan_out);
         assert_eq!(integration.application_name, "shardflow-a");
 
@@ -1086,7 +1089,10 @@ mod tests {
         assert!(all.contains("role_session_name = \"x\""), "{all}");
         assert!(all.contains("sts_endpoint_url"), "{all}");
         assert!(all.contains("stream consumer's name"), "{all}");
-        assert!(all.contains("`external_id` is only used with `role_arn`"), "{all}");
+        assert!(
+            all.contains("`external_id` is only used with `role_arn`"),
+            "{all}"
+        );
     }
 
     #[test]
