@@ -186,3 +186,43 @@ async fn a_split_under_fan_out_reads_parents_before_children() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_again_is_read_from_its_start_under_fan_out() {
+    let emulator = Emulator::start();
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "efo-again", 1).await;
+    put_many(&kinesis, "efo-again", &batch(0, 50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Service::start_in(dir.path(), &setup("efo-again"), &emulator).await;
+    wait_stored(&service, 50).await;
+    assert!(service.stop().success());
+
+    kinesis
+        .delete_stream()
+        .stream_name("efo-again")
+        .enforce_consumer_deletion(true)
+        .send()
+        .await
+        .unwrap();
+    wait_for("stream deleted", Duration::from_secs(30), || async {
+        kinesis
+            .describe_stream_summary()
+            .stream_name("efo-again")
+            .send()
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Creation times have whole-second resolution in the emulator.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    create_stream(&kinesis, "efo-again", 1).await;
+    put_many(&kinesis, "efo-again", &batch(50, 60)).await;
+
+    let service = Service::start_in(dir.path(), &setup("efo-again"), &emulator).await;
+    wait_stored(&service, 60).await;
+    assert_once(&service, 60);
+    let log = service.log();
+    assert!(log.contains("deleted and created again"), "{log}");
+}

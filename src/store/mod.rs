@@ -866,3 +866,72 @@ fn load_entities(conn: &Connection) -> Result<EntityCache, StoreError> {
     }
     Ok(cache)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database made before checkpoints carried sub-sequence numbers and
+    /// arrival times, and before dead letters carried sub-sequence numbers.
+    #[tokio::test]
+    async fn databases_from_before_kpl_checkpoints_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join("shardflow.db")).unwrap();
+            old.execute_batch(
+                "CREATE TABLE checkpoints (
+                    application TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL,
+                    sequence_number TEXT, shard_end INTEGER NOT NULL DEFAULT 0,
+                    updated_ms INTEGER NOT NULL, latest_from_ms INTEGER,
+                    PRIMARY KEY (application, stream, shard));
+                 INSERT INTO checkpoints VALUES ('app', 's', 'shard-0', '42', 0, 1000, NULL);
+                 CREATE TABLE dead_letters (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL,
+                    integration TEXT NOT NULL, stream TEXT NOT NULL, shard TEXT NOT NULL,
+                    sequence_number TEXT NOT NULL, partition_key TEXT NOT NULL,
+                    payload BLOB NOT NULL, error TEXT NOT NULL,
+                    chain TEXT, node TEXT, message TEXT, replayed_ms INTEGER, arrival_ms INTEGER);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.checkpoint("app", "s", "shard-0").unwrap().unwrap();
+        assert_eq!(old.sequence_number.as_deref(), Some("42"));
+        assert_eq!(
+            (old.sub_sequence_number, old.arrival_ms, old.updated_ms),
+            (None, None, 1000)
+        );
+
+        let write = Write::Checkpoint {
+            application: "app".into(),
+            stream: "s".into(),
+            shard: "shard-0".into(),
+            sequence_number: Some("43".into()),
+            sub_sequence_number: Some(7),
+            arrival_ms: Some(5),
+            shard_end: false,
+        };
+        store.write(vec![write], None).await.unwrap();
+        let new = store.checkpoint("app", "s", "shard-0").unwrap().unwrap();
+        assert_eq!(new.sub_sequence_number, Some(7));
+        assert_eq!(new.arrival_ms, Some(5));
+
+        let source = crate::delivery::SourceRecord {
+            sequence_number: "43".into(),
+            sub_sequence_number: Some(7),
+            ..Default::default()
+        };
+        let letter = Write::dead_letter(&source, "bad".into(), None, None, None);
+        store.write(vec![letter], None).await.unwrap();
+        let letters = store
+            .dead_letters(&DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(letters[0].sub_sequence_number, Some(7));
+        drop(store);
+        // Opening it again finds the columns there.
+        Store::open(dir.path()).unwrap();
+    }
+}
