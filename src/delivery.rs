@@ -17,9 +17,11 @@ use bytes::Bytes;
 /// can be stored as a dead letter with its bytes unchanged.
 #[derive(Debug, Clone, Default)]
 pub struct SourceRecord {
-    pub integration: String,
-    pub stream: String,
-    pub shard: String,
+    /// Shared by every record of a shard (one allocation per shard, not
+    /// per record).
+    pub integration: Arc<str>,
+    pub stream: Arc<str>,
+    pub shard: Arc<str>,
     pub sequence_number: String,
     /// For a user record of a KPL aggregate: its sub-sequence number.
     pub sub_sequence_number: Option<u64>,

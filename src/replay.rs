@@ -86,9 +86,9 @@ impl Replayer {
                 continue;
             }
             let source = Arc::new(SourceRecord {
-                integration: letter.integration.clone(),
-                stream: letter.stream.clone(),
-                shard: letter.shard.clone(),
+                integration: letter.integration.as_str().into(),
+                stream: letter.stream.as_str().into(),
+                shard: letter.shard.as_str().into(),
                 sequence_number: letter.sequence_number.clone(),
                 sub_sequence_number: letter.sub_sequence_number,
                 partition_key: letter.partition_key.clone(),

@@ -547,9 +547,9 @@ fn to_js<'js>(ctx: &Ctx<'js>, arg: &JsArg<'_>) -> rquickjs::Result<Value<'js>> {
         JsArg::Json(text) => ctx.json_parse(*text),
         JsArg::RecordMetadata(record) => {
             let object = Object::new(ctx.clone())?;
-            object.set("integrationName", record.integration.as_str())?;
-            object.set("streamName", record.stream.as_str())?;
-            object.set("shardId", record.shard.as_str())?;
+            object.set("integrationName", &*record.integration)?;
+            object.set("streamName", &*record.stream)?;
+            object.set("shardId", &*record.shard)?;
             object.set("partitionKey", record.partition_key.as_str())?;
             object.set("sequenceNumber", record.sequence_number.as_str())?;
             object.set("approximateArrivalTimestamp", record.arrival_ms.to_string())?;

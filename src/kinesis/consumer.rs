@@ -68,6 +68,8 @@ enum Phase {
 pub struct ShardConsumer {
     integration: Arc<Integration>,
     shard_id: String,
+    /// Integration, stream and shard names, shared by all its records.
+    origin: (Arc<str>, Arc<str>, Arc<str>),
     phase: Phase,
     iterator: Option<String>,
     start: Position,
@@ -176,9 +178,15 @@ impl ShardConsumer {
             sub_sequence_number: c.sub_sequence_number,
             arrival_ms: c.arrival_ms.unwrap_or(c.updated_ms),
         });
+        let origin = (
+            Arc::from(integration.config.name.as_str()),
+            Arc::from(integration.config.stream_name.as_str()),
+            Arc::from(shard_id.as_str()),
+        );
         ShardConsumer {
             integration,
             shard_id,
+            origin,
             phase: Phase::Positioning,
             iterator: None,
             start,
@@ -567,9 +575,9 @@ impl ShardConsumer {
             .map(|(_, sub)| sub);
         let config = &self.integration.config;
         let plain = |record: RawRecord| SourceRecord {
-            integration: config.name.clone(),
-            stream: config.stream_name.clone(),
-            shard: self.shard_id.clone(),
+            integration: self.origin.0.clone(),
+            stream: self.origin.1.clone(),
+            shard: self.origin.2.clone(),
             sequence_number: record.sequence_number,
             sub_sequence_number: None,
             partition_key: record.partition_key,
@@ -650,9 +658,9 @@ impl ShardConsumer {
                 };
                 shared += share;
                 let source = SourceRecord {
-                    integration: config.name.clone(),
-                    stream: config.stream_name.clone(),
-                    shard: self.shard_id.clone(),
+                    integration: self.origin.0.clone(),
+                    stream: self.origin.1.clone(),
+                    shard: self.origin.2.clone(),
                     sequence_number: record.sequence_number.clone(),
                     sub_sequence_number: Some(number),
                     partition_key: user.partition_key,

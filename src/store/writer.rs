@@ -131,9 +131,9 @@ impl Write {
         message: Option<String>,
     ) -> Write {
         Write::DeadLetter {
-            integration: source.integration.clone(),
-            stream: source.stream.clone(),
-            shard: source.shard.clone(),
+            integration: source.integration.to_string(),
+            stream: source.stream.to_string(),
+            shard: source.shard.to_string(),
             sequence_number: source.sequence_number.clone(),
             sub_sequence_number: source.sub_sequence_number,
             partition_key: source.partition_key.clone(),

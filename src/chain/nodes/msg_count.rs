@@ -76,7 +76,7 @@ impl Node {
 /// a dead letter of it names the node.
 pub fn node_ticket(node: &NodeInfo) -> Ticket {
     Ticket::detached(SourceRecord {
-        integration: format!("rule node {} of chain {}", node.label, node.chain),
+        integration: format!("rule node {} of chain {}", node.label, node.chain).into(),
         arrival_ms: crate::msg::now_millis(),
         ..Default::default()
     })
