@@ -137,6 +137,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// producers and shard consumers.
 pub struct Pipeline {
     pub rules: Arc<Rules>,
+    /// The converter pool.
+    pub js: Addr<ConverterWorker>,
+    /// Each integration's name and stream, in config order.
+    pub integrations: Arc<Vec<api::IntegrationInfo>>,
     pub replayer: Arc<crate::replay::Replayer>,
     pub consumers: Consumers,
     pub status: StatusBoard,
@@ -205,12 +209,17 @@ impl Pipeline {
             );
         }
 
+        let mut integrations = Vec::new();
         let consumers = Consumers::default();
         let budget = Arc::new(kinesis::window::Budget::new(
             config.pipeline.max_in_flight_records_total,
             config.pipeline.max_in_flight_bytes_total,
         ));
         for integration in &config.integrations {
+            integrations.push(api::IntegrationInfo {
+                name: integration.name.clone(),
+                stream: integration.stream_name.clone(),
+            });
             let runtime = Arc::new(Integration {
                 config: integration.clone(),
                 pipeline: config.pipeline.clone(),
@@ -233,6 +242,8 @@ impl Pipeline {
         ));
         Ok(Pipeline {
             rules,
+            js,
+            integrations: Arc::new(integrations),
             replayer,
             consumers,
             status,
@@ -273,12 +284,17 @@ async fn serve(
     }
     let store_for_retention = store.clone();
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let router = api::router(ApiState {
         store,
         rules: pipeline.rules.clone(),
         auth,
         status: pipeline.status.clone(),
         replayer: pipeline.replayer.clone(),
+        js: pipeline.js.clone(),
+        integrations: pipeline.integrations.clone(),
+        stopping: stopping_rx,
+        serves_tls: config.http.tls_cert.is_some(),
     });
     let address = listener.local_addr()?;
     let tls = match (&config.http.tls_cert, &config.http.tls_key) {
@@ -320,6 +336,9 @@ async fn serve(
     });
 
     io.spawn(stop_signal()).await?;
+    // Event streams end first: the pages stop listening, and the HTTP
+    // server has no open stream to wait for.
+    let _ = stopping.send(true);
     tracing::info!("stopping: waiting for records in flight");
     pipeline.stop().await?;
     let _ = stop_api.send(());

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A latency histogram with log-spaced buckets (10 % wide, from 10 µs to
 /// about 10 minutes), cheap to record from any thread.
@@ -128,6 +128,54 @@ pub struct ShardStatus {
     pub user_records_dropped: u64,
     pub in_flight: usize,
     pub last_error: Option<String>,
+    /// Records read per second, measured over windows of about a second.
+    rate: RateWindow,
+}
+
+/// Records read per second: updated as reads are counted; a window that
+/// has seen no update for a while reads as the rate since it started, so
+/// an idle shard decays to 0 without a timer.
+#[derive(Debug, Clone, Copy, Default)]
+struct RateWindow {
+    since: Option<Instant>,
+    base: u64,
+    last: f64,
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+impl RateWindow {
+    fn observe(&mut self, records: u64, now: Instant) {
+        match self.since {
+            None => {
+                self.since = Some(now);
+                self.base = records;
+            }
+            Some(since) if now.duration_since(since) >= RATE_WINDOW => {
+                let elapsed = now.duration_since(since).as_secs_f64();
+                self.last = records.saturating_sub(self.base) as f64 / elapsed;
+                self.since = Some(now);
+                self.base = records;
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn read(&self, records: u64, now: Instant) -> f64 {
+        match self.since {
+            Some(since) if now.duration_since(since) >= RATE_WINDOW * 2 => {
+                records.saturating_sub(self.base) as f64 / now.duration_since(since).as_secs_f64()
+            }
+            _ => self.last,
+        }
+    }
+}
+
+impl ShardStatus {
+    /// Records read per second lately.
+    pub fn records_per_second(&self) -> f64 {
+        self.rate.read(self.records_read, Instant::now())
+    }
 }
 
 impl Default for ShardStatus {
@@ -143,6 +191,7 @@ impl Default for ShardStatus {
             user_records_dropped: 0,
             in_flight: 0,
             last_error: None,
+            rate: RateWindow::default(),
         }
     }
 }
@@ -186,9 +235,19 @@ pub type DoneObserver = Box<dyn Fn(&str) + Send + Sync>;
 impl StatusBoard {
     pub fn update(&self, integration: &str, shard: &str, f: impl FnOnce(&mut ShardStatus)) {
         let mut shards = self.shards.lock().expect("status lock");
-        f(shards
+        let status = shards
             .entry((integration.to_string(), shard.to_string()))
-            .or_default());
+            .or_default();
+        f(status);
+        status.rate.observe(status.records_read, Instant::now());
+    }
+
+    /// Integrations whose shards are not listed yet, with why.
+    pub fn pending(&self) -> BTreeMap<String, String> {
+        self.integrations_pending
+            .lock()
+            .expect("status lock")
+            .clone()
     }
 
     /// Marks an integration whose shards are not listed yet, with why.
@@ -238,6 +297,20 @@ impl StatusBoard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_per_second_over_a_window_then_decays_when_idle() {
+        let start = Instant::now();
+        let mut rate = RateWindow::default();
+        rate.observe(0, start);
+        rate.observe(50, start + Duration::from_millis(500));
+        assert_eq!(rate.read(50, start + Duration::from_millis(600)), 0.0);
+        rate.observe(100, start + Duration::from_secs(1));
+        assert_eq!(rate.read(100, start + Duration::from_millis(1100)), 100.0);
+        // Nothing more read: after two windows the rate falls.
+        let idle = rate.read(100, start + Duration::from_secs(5));
+        assert_eq!(idle, 0.0);
+    }
 
     #[test]
     fn quantiles_are_within_a_bucket() {

@@ -61,6 +61,7 @@ async fn arbitrary_bodies_and_queries_get_no_server_error() {
         format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
         format!("/api/plugins/telemetry/DEVICE/{id}/attributes/SERVER_SCOPE"),
         "/api/shardflow/deadLetters/replay".to_string(),
+        "/api/shardflow/converters/test".to_string(),
     ];
     let gets = [
         "/api/tenant/devices".to_string(),
@@ -68,10 +69,11 @@ async fn arbitrary_bodies_and_queries_get_no_server_error() {
         format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes"),
         "/api/shardflow/deadLetters".to_string(),
         "/api/shardflow/events".to_string(),
+        "/api/shardflow/integrations".to_string(),
     ];
     let cases: Vec<(usize, Vec<u8>, String)> = {
         let mut runner = TestRunner::new(Config::with_cases(300));
-        let strategy = (0usize..10, body(), "[ -~]{0,40}");
+        let strategy = (0..posts.len() + gets.len(), body(), "[ -~]{0,40}");
         (0..300)
             .map(|_| strategy.new_tree(&mut runner).unwrap().current())
             .collect()

@@ -62,6 +62,19 @@ async fn the_api_is_served_over_tls_with_the_configured_certificate() {
         .await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 
+    // A page session's cookie is Secure when shardflow serves TLS itself
+    // (here the login names the page by Referer, not by an https Origin).
+    let login = trusted
+        .post(format!("https://localhost:{port}/api/shardflow/login"))
+        .header("referer", format!("https://localhost:{port}/"))
+        .json(&serde_json::json!({"username": "tenant@thingsboard.org", "password": "tenant"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+
     // The dead-letter command reaches the service over TLS too.
     let (code, text) = run_binary(&["dlq", "replay"], &config);
     assert_eq!(code, Some(0), "{text}");

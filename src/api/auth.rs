@@ -7,8 +7,13 @@
 //! password is held only as an argon2id hash: the configured hash, or a
 //! hash of the configured password made at start. Checking it costs tens
 //! of milliseconds by design; callers run it off the reactor.
+//!
+//! The browser pages hold the same access token in an HttpOnly cookie
+//! instead (see `session`); each such session has a CSRF token derived
+//! from its token id, and logging out revokes the token id until it
+//! expires. Revocations are kept in memory, so a restart forgets them.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Mutex;
@@ -35,6 +40,8 @@ pub struct Auth {
     token_ttl_secs: u64,
     /// Times of recent failed logins, for rate limiting.
     failures: Mutex<VecDeque<Instant>>,
+    /// Token ids logged out, with their expiry (epoch seconds).
+    revoked: Mutex<HashMap<String, i64>>,
 }
 
 /// Failed logins allowed per `FAILURE_WINDOW`; past that, logins are
@@ -47,6 +54,10 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 pub struct Claims {
     pub subject: String,
     pub refresh: bool,
+    /// The token's id (`jti`).
+    pub id: String,
+    /// Expiry, epoch seconds.
+    pub expires: i64,
 }
 
 impl Auth {
@@ -79,6 +90,7 @@ impl Auth {
             password_hash,
             token_ttl_secs,
             failures: Mutex::new(VecDeque::new()),
+            revoked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -96,6 +108,7 @@ impl Auth {
             password_hash: String::new(),
             token_ttl_secs: 300,
             failures: Mutex::new(VecDeque::new()),
+            revoked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -130,6 +143,46 @@ impl Auth {
     pub fn check_password(&self, username: &str, password: &str) -> bool {
         let password_ok = hash_matches(&self.password_hash, password);
         password_ok && username == self.username
+    }
+
+    /// The access token lifetime, in seconds.
+    pub fn token_ttl_secs(&self) -> u64 {
+        self.token_ttl_secs
+    }
+
+    /// A new access token alone (for a browser session's cookie).
+    pub fn issue_access(&self, subject: &str) -> String {
+        self.sign(subject, self.token_ttl_secs, false)
+    }
+
+    /// The CSRF token of the session whose token id is `token_id`: it
+    /// cannot be made without the signing key, and needs no storage.
+    pub fn csrf_token(&self, token_id: &str) -> String {
+        self.signature(&format!("csrf.{token_id}"))
+    }
+
+    /// Compares a CSRF token given by a client in constant time.
+    pub fn csrf_matches(&self, token_id: &str, given: &str) -> bool {
+        let expected = self.csrf_token(token_id);
+        let (a, b) = (expected.as_bytes(), given.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for (i, byte) in a.iter().enumerate() {
+            diff |= (byte ^ b.get(i).copied().unwrap_or(0)) as usize;
+        }
+        diff == 0
+    }
+
+    /// Refuses the token with this id from now until it expires.
+    pub fn revoke(&self, token_id: &str, expires: i64) {
+        let now = crate::msg::now_millis() / 1000;
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        revoked.retain(|_, exp| *exp > now);
+        revoked.insert(token_id.to_string(), expires);
+    }
+
+    fn is_revoked(&self, token_id: &str) -> bool {
+        let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        revoked.contains_key(token_id)
     }
 
     /// A ThingsBoard-style `{token, refreshToken}` pair.
@@ -199,6 +252,14 @@ impl Auth {
             .get("scopes")
             .and_then(Value::as_array)
             .is_some_and(|s| s.iter().any(|v| v == "REFRESH_TOKEN"));
+        let id = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if self.is_revoked(&id) {
+            return Err("the session was logged out");
+        }
         Ok(Claims {
             subject: claims
                 .get("sub")
@@ -206,6 +267,8 @@ impl Auth {
                 .unwrap_or_default()
                 .to_string(),
             refresh,
+            id,
+            expires: exp,
         })
     }
 }
@@ -305,6 +368,23 @@ mod tests {
         assert!(!auth.check_password("u", "tenant"));
         assert!(parse_hash("plain text").is_err());
         assert!(parse_hash(hash.expose()).is_ok());
+    }
+
+    #[test]
+    fn csrf_tokens_belong_to_one_session_and_logout_revokes_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
+        let token = auth.issue_access("u");
+        let claims = auth.verify(&token).unwrap();
+        let csrf = auth.csrf_token(&claims.id);
+        assert!(auth.csrf_matches(&claims.id, &csrf));
+        assert!(!auth.csrf_matches(&claims.id, ""));
+        assert!(!auth.csrf_matches("another-session", &csrf));
+        auth.revoke(&claims.id, claims.expires);
+        assert_eq!(
+            auth.verify(&token).unwrap_err(),
+            "the session was logged out"
+        );
     }
 
     #[test]

@@ -1,14 +1,23 @@
 //! The HTTP API: the subset of ThingsBoard's REST API that the walkthrough
 //! and the `tb-rest-client` Python package use, with the same paths and JSON
-//! shapes, plus `/health`, `/ready` and `/metrics`.
+//! shapes, plus `/health`, `/ready` and `/metrics`, shardflow's own
+//! endpoints under `/api/shardflow/`, and the browser pages at `/`.
 //!
-//! The API reads the store and, for attribute saves, hands an
-//! ATTRIBUTES_UPDATED message to the rule engine. `/api/...` needs a token;
+//! The API reads the store and, for attribute saves and deletes, hands an
+//! ATTRIBUTES_UPDATED or ATTRIBUTES_DELETED message to the rule engine.
+//! `/api/...` needs a token, as `X-Authorization: Bearer` or, for the
+//! pages, the session cookie (with a CSRF token on every POST and DELETE);
 //! the probes and metrics do not.
 
 pub mod auth;
+mod integrations;
+mod live;
 mod rules;
+mod session;
 pub mod tls;
+mod ui;
+
+pub use integrations::IntegrationInfo;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,11 +28,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::chain::Rules;
+use crate::convert::ConverterWorker;
 use crate::ingest::{entity_json, entity_metadata};
 use crate::msg::{self, EntityId, EntityType, TbMsg};
 use crate::replay::Replayer;
@@ -39,6 +50,14 @@ pub struct ApiState {
     pub auth: Arc<Auth>,
     pub status: StatusBoard,
     pub replayer: Arc<Replayer>,
+    /// The converter pool, for the converter test.
+    pub js: actix::Addr<ConverterWorker>,
+    /// Each integration's name and stream, in config order.
+    pub integrations: Arc<Vec<IntegrationInfo>>,
+    /// Turns true when the service stops (ends the event streams).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Whether the API itself serves TLS (session cookies are then Secure).
+    pub serves_tls: bool,
 }
 
 /// An API error in ThingsBoard's shape: `{status, message, errorCode}`.
@@ -71,6 +90,14 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             message: message.into(),
             code: 10,
+        }
+    }
+
+    fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: message.into(),
+            code: 20,
         }
     }
 
@@ -137,18 +164,24 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/api/plugins/telemetry/{entity_type}/{entity_id}/attributes/{scope}",
-            post(save_entity_attributes),
+            post(save_entity_attributes).delete(delete_entity_attributes),
         )
         .route(
             "/api/plugins/telemetry/{entity_type}/{entity_id}/{scope}",
-            post(save_entity_attributes),
+            post(save_entity_attributes).delete(delete_entity_attributes),
         )
         .route(
             "/api/plugins/telemetry/{device_id}/{scope}",
-            post(save_device_attributes),
+            post(save_device_attributes).delete(delete_device_attributes),
         )
         .route("/api/shardflow/ruleChains", get(rules::rule_chains))
         .route("/api/shardflow/events", get(rules::debug_events))
+        .route("/api/shardflow/session", get(session::current))
+        .route("/api/shardflow/logout", post(session::logout))
+        .route("/api/shardflow/live", get(live::stream))
+        .route("/api/shardflow/integrations", get(integrations::status))
+        .route("/api/shardflow/converters", get(integrations::converters))
+        .route("/api/shardflow/converters/test", post(integrations::test))
         .route("/api/shardflow/deadLetters", get(list_dead_letters))
         .route(
             "/api/shardflow/deadLetters/replay",
@@ -160,40 +193,82 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/auth/login", post(login))
         .route("/api/auth/token", post(refresh))
+        .route("/api/shardflow/login", post(session::login))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .merge(ui::routes())
         .merge(protected)
+        .layer(middleware::from_fn(ui::security_headers))
         .with_state(state)
 }
 
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    let token = request
-        .headers()
+/// Who made a request, and how: a bearer token (API clients) or the
+/// session cookie (the pages).
+#[derive(Clone)]
+pub struct Caller {
+    pub subject: String,
+    pub token_id: String,
+    pub expires: i64,
+    pub via_cookie: bool,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get("x-authorization")
-        .or_else(|| request.headers().get("authorization"))
+        .or_else(|| headers.get("authorization"))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
-        return ApiError::unauthorized(
-            "Authentication failed: X-Authorization: Bearer <token> is missing",
-        )
-        .into_response();
+        .map(str::trim)
+}
+
+/// Lets a request through with a valid access token: from
+/// `X-Authorization: Bearer` as is, or from the session cookie with, for a
+/// state-changing method, the session's CSRF token and a same-origin
+/// Origin (or Referer).
+async fn require_token(
+    State(state): State<ApiState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let headers = request.headers();
+    let (token, via_cookie) = match (bearer(headers), session::cookie_token(headers)) {
+        (Some(token), _) => (token.to_string(), false),
+        (None, Some(token)) => (token, true),
+        (None, None) => {
+            return ApiError::unauthorized(
+                "Authentication failed: X-Authorization: Bearer <token> is missing",
+            )
+            .into_response();
+        }
     };
-    match state.auth.verify(token) {
-        Ok(claims) if !claims.refresh => next.run(request).await,
+    let claims = match state.auth.verify(&token) {
+        Ok(claims) if !claims.refresh => claims,
         Ok(_) => {
-            ApiError::unauthorized("a refresh token cannot be used for API calls").into_response()
+            return ApiError::unauthorized("a refresh token cannot be used for API calls")
+                .into_response()
         }
         Err(reason) => {
             let mut error = ApiError::unauthorized(format!("Authentication failed: {reason}"));
             if reason.contains("expired") {
                 error.code = 11;
             }
-            error.into_response()
+            return error.into_response();
+        }
+    };
+    if via_cookie && !request.method().is_safe() {
+        if let Err(reason) = session::check_forgery(&state.auth, &claims.id, headers) {
+            tracing::warn!(method = %request.method(), path = %request.uri().path(), reason, "request refused: possible cross-site request forgery");
+            return ApiError::forbidden(format!("request refused: {reason}")).into_response();
         }
     }
+    request.extensions_mut().insert(Caller {
+        subject: claims.subject,
+        token_id: claims.id,
+        expires: claims.expires,
+        via_cookie,
+    });
+    next.run(request).await
 }
 
 fn json_body(body: &Bytes) -> ApiResult<Value> {
@@ -202,7 +277,14 @@ fn json_body(body: &Bytes) -> ApiResult<Value> {
 }
 
 async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
-    let body = json_body(&body)?;
+    let username = check_login(&state, &body).await?;
+    Ok(Json(state.auth.issue(&username)))
+}
+
+/// Checks a `{username, password}` login body, with the failed-login rate
+/// limit; returns the user name. Shared by API clients and the pages.
+async fn check_login(state: &ApiState, body: &Bytes) -> ApiResult<String> {
+    let body = json_body(body)?;
     let (Some(username), Some(password)) = (
         body.get("username").and_then(Value::as_str),
         body.get("password").and_then(Value::as_str),
@@ -229,7 +311,7 @@ async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Val
         tracing::warn!("failed login");
         return Err(ApiError::unauthorized("Invalid username or password"));
     }
-    Ok(Json(state.auth.issue(username)))
+    Ok(username.to_string())
 }
 
 async fn refresh(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
@@ -247,14 +329,8 @@ async fn refresh(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<V
     }
 }
 
-async fn current_user(headers: HeaderMap, State(state): State<ApiState>) -> ApiResult<Json<Value>> {
-    let subject = headers
-        .get("x-authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|t| state.auth.verify(t).ok())
-        .map(|c| c.subject)
-        .unwrap_or_default();
+async fn current_user(Extension(caller): Extension<Caller>) -> ApiResult<Json<Value>> {
+    let subject = caller.subject;
     Ok(Json(json!({
         "email": subject,
         "name": subject,
@@ -576,6 +652,71 @@ async fn save_entity_attributes(
     save_attributes(state, &entity_type, &entity_id, &scope, body).await
 }
 
+async fn delete_device_attributes(
+    State(state): State<ApiState>,
+    Path((device_id, scope)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<StatusCode> {
+    delete_attributes(state, "DEVICE", &device_id, &scope, raw).await
+}
+
+async fn delete_entity_attributes(
+    State(state): State<ApiState>,
+    Path((entity_type, entity_id, scope)): Path<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<StatusCode> {
+    delete_attributes(state, &entity_type, &entity_id, &scope, raw).await
+}
+
+/// A scope attributes may be changed in through the API: SERVER_SCOPE or
+/// SHARED_SCOPE (client attributes come from devices).
+fn writable_scope(scope: &str) -> ApiResult<Scope> {
+    match Scope::parse(scope) {
+        Some(Scope::Client) => Err(ApiError::bad_request(
+            "Invalid scope: CLIENT_SCOPE attributes come from devices; use SERVER_SCOPE or SHARED_SCOPE",
+        )),
+        Some(scope) => Ok(scope),
+        None => Err(ApiError::bad_request(format!(
+            "invalid scope {scope:?}; use SERVER_SCOPE or SHARED_SCOPE"
+        ))),
+    }
+}
+
+/// Deletes attributes (`?keys=a,b`), then sends ATTRIBUTES_DELETED into
+/// the root chain with the entity as originator, data
+/// `{"attributes": [keys]}` and metadata `scope`, as ThingsBoard does.
+async fn delete_attributes(
+    state: ApiState,
+    entity_type: &str,
+    entity_id: &str,
+    scope: &str,
+    raw: Option<String>,
+) -> ApiResult<StatusCode> {
+    let scope = writable_scope(scope)?;
+    let entity = find_entity(&state, entity_type, entity_id)?;
+    let keys = keys(&query(raw));
+    if keys.is_empty() {
+        return Err(ApiError::bad_request(
+            "keys is required: the attribute keys to delete, comma-separated",
+        ));
+    }
+    let mut metadata = entity_metadata(&entity, "");
+    metadata.insert("scope".into(), scope.as_str().into());
+    let message = TbMsg::new(
+        msg::ATTRIBUTES_DELETED,
+        entity.id,
+        metadata,
+        json!({ "attributes": keys }).to_string(),
+        msg::now_millis(),
+    );
+    let write = Write::DeleteAttributes {
+        entity: entity.id,
+        scope,
+        keys,
+    };
+    commit_with_message(&state, write, message).await
+}
+
 /// Saves attributes, then sends ATTRIBUTES_UPDATED into the root chain with
 /// the entity as originator.
 async fn save_attributes(
@@ -585,19 +726,7 @@ async fn save_attributes(
     scope: &str,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    let scope = match Scope::parse(scope) {
-        Some(Scope::Client) => {
-            return Err(ApiError::bad_request(
-                "Invalid scope: CLIENT_SCOPE attributes come from devices; use SERVER_SCOPE or SHARED_SCOPE",
-            ))
-        }
-        Some(scope) => scope,
-        None => {
-            return Err(ApiError::bad_request(format!(
-                "invalid scope {scope:?}; use SERVER_SCOPE or SHARED_SCOPE"
-            )))
-        }
-    };
+    let scope = writable_scope(scope)?;
     let entity = find_entity(&state, entity_type, entity_id)?;
     let Value::Object(object) = json_body(&body)? else {
         return Err(ApiError::bad_request(
@@ -618,9 +747,6 @@ async fn save_attributes(
     }
 
     let ts = msg::now_millis();
-    if !state.store.is_writable() {
-        return Err(ApiError::unavailable());
-    }
     let mut metadata = entity_metadata(&entity, "");
     metadata.insert("scope".into(), scope.as_str().into());
     let message = TbMsg::new(
@@ -630,17 +756,28 @@ async fn save_attributes(
         Value::Object(object).to_string(),
         ts,
     );
-    // The attributes and the message announcing them commit together
-    // (the outbox), so a crash cannot keep one without the other.
-    let writes = vec![
-        Write::Attributes {
-            entity: entity.id,
-            scope,
-            ts,
-            values,
-        },
-        crate::outbox::entry(&message),
-    ];
+    let write = Write::Attributes {
+        entity: entity.id,
+        scope,
+        ts,
+        values,
+    };
+    commit_with_message(&state, write, message).await
+}
+
+/// Commits a change made through the API together with the message that
+/// announces it (the outbox, so a crash cannot keep one without the
+/// other), then hands the message to the root chain. Waits at most
+/// [`STORE_WAIT`] for the commit.
+async fn commit_with_message(
+    state: &ApiState,
+    write: Write,
+    message: TbMsg,
+) -> ApiResult<StatusCode> {
+    if !state.store.is_writable() {
+        return Err(ApiError::unavailable());
+    }
+    let writes = vec![write, crate::outbox::entry(&message)];
     // The write stays queued if the store fails meanwhile, and is
     // committed (and its message sent) once it recovers; the caller is
     // told it may not be.

@@ -162,6 +162,47 @@ impl Message for RunScript {
     type Result = Result<serde_json::Value, ConvertError>;
 }
 
+/// A converter run for the converter test page: the same runtime, script
+/// environment, limits and result checks as records and downlinks get.
+/// The script may be one being edited: it is compiled for this run only
+/// and forgotten after it, so tests do not fill the workers' caches.
+pub struct TestRun {
+    pub script: Arc<Script>,
+    pub input: TestInput,
+}
+
+/// What a [`TestRun`] passes to the script.
+pub enum TestInput {
+    /// `Decoder(payload, metadata)` with a record's bytes and metadata.
+    Uplink(Arc<SourceRecord>),
+    /// `Encoder(msg, metadata, msgType, integrationMetadata)`.
+    Downlink {
+        data: String,
+        metadata: BTreeMap<String, String>,
+        msg_type: String,
+        integration_metadata: BTreeMap<String, String>,
+    },
+}
+
+/// A test run's outcome: what the script returned (when it returned), and
+/// the result as the runtime reads it, or why it was rejected.
+pub struct TestOutcome {
+    pub returned: Option<serde_json::Value>,
+    pub result: Result<TestResult, ConvertError>,
+}
+
+pub enum TestResult {
+    Uplink(Vec<Uplink>),
+    Downlink(Vec<DownlinkRecord>),
+}
+
+impl Message for TestRun {
+    type Result = TestOutcome;
+}
+
+/// The key test scripts are compiled under; never a script id.
+const TEST_KEY: &str = "test-run";
+
 /// A converter worker: one thread, one QuickJS runtime.
 pub struct ConverterWorker {
     runtime: JsRuntime,
@@ -234,6 +275,68 @@ impl Handler<Decode> for ConverterWorker {
             })
             .collect();
         MessageResult(results)
+    }
+}
+
+impl Handler<TestRun> for ConverterWorker {
+    type Result = MessageResult<TestRun>;
+
+    fn handle(&mut self, run: TestRun, _: &mut SyncContext<Self>) -> Self::Result {
+        let (name, params) = run.script.kind.signature();
+        if let Err(e) =
+            self.runtime
+                .compile(TEST_KEY, &run.script.origin, name, params, &run.script.body)
+        {
+            return MessageResult(TestOutcome {
+                returned: None,
+                result: Err(e.into()),
+            });
+        }
+        let output = match &run.input {
+            TestInput::Uplink(record) => self.runtime.call(
+                TEST_KEY,
+                &[JsArg::Bytes(&record.payload), JsArg::RecordMetadata(record)],
+            ),
+            TestInput::Downlink {
+                data,
+                metadata,
+                msg_type,
+                integration_metadata,
+            } => {
+                let data = script_data(data);
+                self.runtime.call(
+                    TEST_KEY,
+                    &[
+                        JsArg::Json(&data),
+                        JsArg::StringMap(metadata),
+                        JsArg::Str(msg_type),
+                        JsArg::StringMap(integration_metadata),
+                    ],
+                )
+            }
+        };
+        self.runtime.remove(TEST_KEY);
+        let outcome = match output {
+            Err(e) => TestOutcome {
+                returned: None,
+                result: Err(e.into()),
+            },
+            Ok(value) => {
+                let result = match &run.input {
+                    TestInput::Uplink(_) => uplink::parse(value.clone())
+                        .map(TestResult::Uplink)
+                        .map_err(ConvertError::from),
+                    TestInput::Downlink { .. } => downlink::parse(value.clone())
+                        .map(TestResult::Downlink)
+                        .map_err(ConvertError::from),
+                };
+                TestOutcome {
+                    returned: Some(value),
+                    result,
+                }
+            }
+        };
+        MessageResult(outcome)
     }
 }
 

@@ -7,7 +7,8 @@
 //! delivery tickets it held: a ticket is released only after its data is on
 //! disk. Jobs are applied in the order they were sent. Reads use their own
 //! connection (WAL lets them run beside the writer). Storage knows nothing
-//! of rules or streams.
+//! of rules or streams. What each commit changed is announced on a
+//! broadcast channel ([`Store::subscribe`]) for live pages.
 
 mod value;
 mod writer;
@@ -19,13 +20,13 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::delivery::Ticket;
 use crate::msg::{EntityId, EntityType};
 pub use value::KvValue;
-pub use writer::{FailureTarget, Write};
+pub use writer::{Changes, FailureTarget, Write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -78,6 +79,58 @@ impl Scope {
 
     pub const ALL: [Scope; 3] = [Scope::Client, Scope::Server, Scope::Shared];
 }
+
+/// What a commit changed, announced after the commit. Values are not
+/// included: a listener reads them through the usual queries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Change {
+    #[serde(rename_all = "camelCase")]
+    EntityCreated {
+        entity_type: EntityType,
+        entity_id: Uuid,
+        name: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Telemetry { entity_id: Uuid, keys: Vec<String> },
+    #[serde(rename_all = "camelCase")]
+    Attributes {
+        entity_id: Uuid,
+        scope: Scope,
+        keys: Vec<String>,
+        /// True when the keys were deleted.
+        deleted: bool,
+    },
+}
+
+impl Change {
+    /// The entity the change is about.
+    pub fn entity_id(&self) -> Uuid {
+        match self {
+            Change::EntityCreated { entity_id, .. }
+            | Change::Telemetry { entity_id, .. }
+            | Change::Attributes { entity_id, .. } => *entity_id,
+        }
+    }
+
+    /// Adds the keys of `other` (a change of the same kind) to these.
+    fn merge_keys(&mut self, other: Change) {
+        if let (
+            Change::Telemetry { keys, .. } | Change::Attributes { keys, .. },
+            Change::Telemetry { keys: more, .. } | Change::Attributes { keys: more, .. },
+        ) = (self, other)
+        {
+            for key in more {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+    }
+}
+
+/// Commits buffered for slow listeners before they miss some.
+const CHANGE_BACKLOG: usize = 256;
 
 /// A device or an asset.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +260,7 @@ pub struct Store {
     entities: Arc<Mutex<EntityCache>>,
     path: PathBuf,
     writable: Arc<std::sync::atomic::AtomicBool>,
+    changes: broadcast::Sender<Changes>,
     /// Dropped with the last clone of the store; ends the checkpointer.
     _alive: Arc<()>,
 }
@@ -361,13 +415,15 @@ impl Store {
         let reader = open_connection(&path)?;
         let entities = load_entities(&reader)?;
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let jobs = writer::spawn(write_conn, writable.clone());
+        let (changes, _) = broadcast::channel(CHANGE_BACKLOG);
+        let jobs = writer::spawn(write_conn, writable.clone(), changes.clone());
         Ok(Store {
             jobs,
             reader: Arc::new(Mutex::new(reader)),
             entities: Arc::new(Mutex::new(entities)),
             path,
             writable,
+            changes,
             _alive: alive,
         })
     }
@@ -379,6 +435,13 @@ impl Store {
     /// False while commits fail (disk full, I/O errors); writes wait.
     pub fn is_writable(&self) -> bool {
         self.writable.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Announcements of what each commit changed, from now on. A receiver
+    /// that falls more than a few hundred commits behind gets
+    /// `RecvError::Lagged` and should read again what it shows.
+    pub fn subscribe(&self) -> broadcast::Receiver<Changes> {
+        self.changes.subscribe()
     }
 
     /// Queues writes; the ticket is held until they are committed.
@@ -713,6 +776,18 @@ impl Store {
                     })
                 },
             )?;
+            rows.collect()
+        })
+    }
+
+    /// Dead letters not replayed yet, by integration.
+    pub fn dead_letter_counts(&self) -> Result<HashMap<String, i64>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT integration, count(*) FROM dead_letters WHERE replayed_ms IS NULL
+                 GROUP BY integration",
+            )?;
+            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
             rows.collect()
         })
     }

@@ -5,15 +5,21 @@
 //! so no checkpoint moves meanwhile. A failure caused by one job's content
 //! fails that job alone (it is applied inside a savepoint) and the rest of
 //! the batch commits.
+//!
+//! After each commit the writer announces what changed (see [`Change`]) on
+//! a broadcast channel, for live pages. Sending never waits: a listener too
+//! slow to keep up misses changes and is told so (it then reads again), and
+//! with no listener nothing is even built.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Entity, KvValue, Scope, StoreError};
+use super::{Change, Entity, KvValue, Scope, StoreError};
 use crate::delivery::{SourceRecord, Ticket};
 use crate::msg::{EntityId, TbMsg};
 
@@ -167,16 +173,28 @@ pub struct FailureTarget {
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 2048;
 
-pub(super) fn spawn(conn: Connection, writable: Arc<AtomicBool>) -> mpsc::UnboundedSender<Job> {
+/// The changes a commit announces, once per commit.
+pub type Changes = Arc<Vec<Change>>;
+
+pub(super) fn spawn(
+    conn: Connection,
+    writable: Arc<AtomicBool>,
+    changes: broadcast::Sender<Changes>,
+) -> mpsc::UnboundedSender<Job> {
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(conn, rx, writable))
+        .spawn(move || run(conn, rx, writable, changes))
         .expect("the store writer thread can be started");
     tx
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, writable: Arc<AtomicBool>) {
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    writable: Arc<AtomicBool>,
+    changes: broadcast::Sender<Changes>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -189,6 +207,15 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, writable: Arc
 
         let outcomes = commit_with_retry(&mut conn, &batch, &writable);
 
+        // Announced after the commit, so a listener that reads on an
+        // announcement sees the data. Nothing is built without listeners.
+        if changes.receiver_count() > 0 {
+            let committed = collect_changes(&batch, &outcomes);
+            if !committed.is_empty() {
+                let _ = changes.send(Arc::new(committed));
+            }
+        }
+
         // Answers and ticket releases happen only after the commit.
         for (job, outcome) in batch.drain(..).zip(outcomes) {
             if let Some(reply) = job.reply {
@@ -197,6 +224,75 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, writable: Arc
             drop(job.ticket);
         }
     }
+}
+
+/// What the committed jobs of a batch changed, one entry per entity, kind
+/// and scope, keys merged.
+fn collect_changes(batch: &[Job], outcomes: &[Result<(), StoreError>]) -> Vec<Change> {
+    let mut out: Vec<Change> = Vec::new();
+    // Index of each (kind, entity, scope, deleted) in `out`: a batch can
+    // touch thousands of entities.
+    let mut index: HashMap<(u8, uuid::Uuid, Option<Scope>, bool), usize> = HashMap::new();
+    let mut merge = |change: Change| {
+        let key = match &change {
+            Change::EntityCreated { entity_id, .. } => (0, *entity_id, None, false),
+            Change::Telemetry { entity_id, .. } => (1, *entity_id, None, false),
+            Change::Attributes {
+                entity_id,
+                scope,
+                deleted,
+                ..
+            } => (2, *entity_id, Some(*scope), *deleted),
+        };
+        match index.get(&key) {
+            Some(&at) => out[at].merge_keys(change),
+            None => {
+                index.insert(key, out.len());
+                out.push(change);
+            }
+        }
+    };
+    for (job, outcome) in batch.iter().zip(outcomes) {
+        if outcome.is_err() {
+            continue;
+        }
+        for write in &job.writes {
+            match write {
+                Write::Entity(e) => merge(Change::EntityCreated {
+                    entity_type: e.id.entity_type,
+                    entity_id: e.id.id,
+                    name: e.name.clone(),
+                }),
+                Write::Telemetry { entity, values, .. } => merge(Change::Telemetry {
+                    entity_id: entity.id,
+                    keys: values.iter().map(|(k, _)| k.clone()).collect(),
+                }),
+                Write::Attributes {
+                    entity,
+                    scope,
+                    values,
+                    ..
+                } => merge(Change::Attributes {
+                    entity_id: entity.id,
+                    scope: *scope,
+                    keys: values.iter().map(|(k, _)| k.clone()).collect(),
+                    deleted: false,
+                }),
+                Write::DeleteAttributes {
+                    entity,
+                    scope,
+                    keys,
+                } => merge(Change::Attributes {
+                    entity_id: entity.id,
+                    scope: *scope,
+                    keys: keys.clone(),
+                    deleted: true,
+                }),
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 /// Commits a batch, retrying for as long as the failure is one a retry can
@@ -616,4 +712,61 @@ fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::msg::EntityType;
+
+    fn job(writes: Vec<Write>) -> Job {
+        Job {
+            writes,
+            reply: None,
+            ticket: None,
+            dead_letter_on_failure: None,
+        }
+    }
+
+    #[test]
+    fn changes_of_a_batch_are_merged_per_entity_and_failed_jobs_left_out() {
+        let device = EntityId {
+            entity_type: EntityType::Device,
+            id: uuid::Uuid::new_v4(),
+        };
+        let telemetry = |key: &str| Write::Telemetry {
+            entity: device,
+            ts: 1,
+            values: vec![(key.to_string(), KvValue::Long(1))],
+            expires_ms: None,
+            latest: true,
+        };
+        let batch = vec![
+            job(vec![telemetry("a"), telemetry("b")]),
+            job(vec![telemetry("a")]),
+            job(vec![telemetry("failed")]),
+            job(vec![Write::DeleteAttributes {
+                entity: device,
+                scope: Scope::Shared,
+                keys: vec!["v".into()],
+            }]),
+        ];
+        let outcomes = vec![Ok(()), Ok(()), Err(StoreError::WriterGone), Ok(())];
+        let changes = collect_changes(&batch, &outcomes);
+        assert_eq!(
+            changes,
+            vec![
+                Change::Telemetry {
+                    entity_id: device.id,
+                    keys: vec!["a".into(), "b".into()],
+                },
+                Change::Attributes {
+                    entity_id: device.id,
+                    scope: Scope::Shared,
+                    keys: vec!["v".into()],
+                    deleted: true,
+                },
+            ]
+        );
+    }
 }
