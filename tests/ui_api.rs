@@ -504,12 +504,12 @@ async fn converter_test_runs_converters_without_side_effects() {
     // An edited script sees the metadata; its errors come back as results.
     let (_, answer) = test(json!({
         "kind": "uplink", "payload": "x",
-        "script": "return {deviceName: metadata.partitionKey + '/' + metadata.integrationName, telemetry: {n: payload.length}};",
-        "metadata": {"partitionKey": "pk"},
+        "script": "return {deviceName: metadata.partitionKey + '/' + metadata.integrationName + '/' + metadata.subSequenceNumber, telemetry: {n: payload.length}};",
+        "metadata": {"partitionKey": "pk", "subSequenceNumber": 3},
     }))
     .await;
     assert_eq!(
-        answer["output"][0]["name"], "pk/kinesis_integration",
+        answer["output"][0]["name"], "pk/kinesis_integration/3",
         "{answer}"
     );
     assert_eq!(answer["output"][0]["telemetry"][0]["values"]["n"], 1);

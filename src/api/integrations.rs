@@ -104,12 +104,14 @@ pub async fn converters(State(state): State<ApiState>) -> Json<Value> {
 
 /// The metadata fields a Kinesis record gives `Decoder`, besides
 /// `integrationName` (always the integration's name).
-const RECORD_METADATA: [&str; 5] = [
+const RECORD_METADATA: [&str; 7] = [
     "streamName",
     "shardId",
     "partitionKey",
     "sequenceNumber",
     "approximateArrivalTimestamp",
+    "subSequenceNumber",
+    "explicitHashKey",
 ];
 
 /// `POST /api/shardflow/converters/test`:
@@ -294,12 +296,21 @@ fn test_record(
             ApiError::bad_request("approximateArrivalTimestamp must be epoch milliseconds")
         })?,
     };
+    // A user record of a KPL aggregate has these two as well.
+    let sub_sequence_number = match metadata.get("subSequenceNumber") {
+        None => None,
+        Some(v) => Some(v.parse().map_err(|_| {
+            ApiError::bad_request("subSequenceNumber must be a non-negative integer")
+        })?),
+    };
     Ok(SourceRecord {
         integration: integration.to_string(),
         stream: get("streamName", stream),
         shard: get("shardId", "shardId-000000000000"),
         sequence_number: get("sequenceNumber", "0"),
+        sub_sequence_number,
         partition_key: get("partitionKey", "test"),
+        explicit_hash_key: metadata.get("explicitHashKey").cloned(),
         arrival_ms,
         payload: payload.into(),
     })

@@ -988,7 +988,7 @@
         : { streamName: c.stream, shardId: 'shardId-000000000000', partitionKey: '123', sequenceNumber: '0' }, null, 2);
       metadataHint.textContent = down
         ? 'The message metadata, a JSON object of strings.'
-        : 'A JSON object with any of streamName, shardId, partitionKey, sequenceNumber, approximateArrivalTimestamp (integrationName is the integration).';
+        : 'A JSON object with any of streamName, shardId, partitionKey, sequenceNumber, approximateArrivalTimestamp, subSequenceNumber and explicitHashKey (the last two for a user record of a KPL aggregate; integrationName is the integration).';
       msgTypeRow.hidden = !down;
       types[1].checked = true;
     }
