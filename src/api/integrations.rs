@@ -304,9 +304,9 @@ fn test_record(
         })?),
     };
     Ok(SourceRecord {
-        integration: integration.to_string(),
-        stream: get("streamName", stream),
-        shard: get("shardId", "shardId-000000000000"),
+        integration: integration.into(),
+        stream: get("streamName", stream).into(),
+        shard: get("shardId", "shardId-000000000000").into(),
         sequence_number: get("sequenceNumber", "0"),
         sub_sequence_number,
         partition_key: get("partitionKey", "test"),
