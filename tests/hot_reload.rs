@@ -193,12 +193,36 @@ async fn records_keep_the_version_they_entered_with_across_fifty_rewrites() {
     put_many(&client, "reload", &records(RECORDS, RECORDS + 100)).await;
 
     let total = RECORDS + 100;
-    wait_for(
-        "every record to be stored",
-        Duration::from_secs(180),
-        || async { (stored(&service).len() >= total).then_some(()) },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while stored(&service).len() < total {
+        if std::time::Instant::now() > deadline {
+            let metrics = service
+                .http
+                .get(format!("{}/metrics", service.base_url))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let log = service.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "{} of {total} records stored after 180 s, {} dead letters\n{}\nlog tail:\n{}",
+                stored(&service).len(),
+                service.count("dead_letters"),
+                metrics
+                    .lines()
+                    .filter(|l| l.contains("in_flight")
+                        || l.contains("records_")
+                        || l.contains("version"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let stored = stored(&service);
     assert_eq!(stored.len(), total, "records lost or stored twice");
     let mut seqs = HashSet::new();

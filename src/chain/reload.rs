@@ -80,6 +80,10 @@ pub struct Rules {
     /// One reload at a time; holds the fingerprint of the files last tried.
     attempt: Mutex<Fingerprint>,
     next_version: AtomicU64,
+    /// How long the files must stay the same before they are loaded (the
+    /// debounce time once watching), so that a file being written in place
+    /// is not loaded half written.
+    settle_ms: AtomicU64,
 }
 
 /// The files a set is made of, with a hash of each one's contents.
@@ -112,6 +116,7 @@ impl Rules {
             status: Mutex::new(status),
             attempt: Mutex::new(fingerprint),
             next_version: AtomicU64::new(2),
+            settle_ms: AtomicU64::new(0),
         })
     }
 
@@ -133,9 +138,22 @@ impl Rules {
     /// are valid. Blocking (reads files, compiles scripts).
     pub fn reload(&self) -> Reloaded {
         let mut last = self.attempt.lock().unwrap_or_else(|e| e.into_inner());
-        let now = fingerprint(&self.config);
-        if now == *last {
-            return Reloaded::Unchanged;
+        let settle = Duration::from_millis(self.settle_ms.load(Ordering::Relaxed));
+        let mut now = fingerprint(&self.config);
+        loop {
+            if now == *last {
+                return Reloaded::Unchanged;
+            }
+            if settle.is_zero() {
+                break;
+            }
+            // Still being written? Load only what stays the same for a while.
+            std::thread::sleep(settle);
+            let again = fingerprint(&self.config);
+            if again == now {
+                break;
+            }
+            now = again;
         }
         *last = now;
         let current = self.current();
@@ -194,6 +212,8 @@ impl Rules {
     /// Watches the set's directories and reloads after each quiet burst of
     /// changes. The watcher stops when the returned handle is dropped.
     pub fn watch(self: &Arc<Self>, debounce: Duration, poll: Duration) -> WatchHandle {
+        self.settle_ms
+            .store(debounce.as_millis() as u64, Ordering::Relaxed);
         let (events, changes) = std::sync::mpsc::channel::<()>();
         let notifier = events.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {

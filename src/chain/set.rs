@@ -441,6 +441,12 @@ fn load_converters(
         for (kind, path) in files {
             let Some(path) = path else { continue };
             let body = match std::fs::read_to_string(path) {
+                Ok(body) if body.trim().is_empty() => {
+                    // Valid JavaScript, but it would make every record a
+                    // dead letter; most often a file caught mid-write.
+                    problems.push(format!("converter {}: the file is empty", path.display()));
+                    continue;
+                }
                 Ok(body) => body,
                 Err(e) => {
                     problems.push(format!("converter {}: cannot read: {e}", path.display()));
