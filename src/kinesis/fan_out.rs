@@ -399,11 +399,7 @@ impl FanOutReader {
         &self,
         work: impl std::future::Future<Output = Result<T, ReadError>> + Send + 'static,
     ) -> BoxFuture<'static, Result<T, ReadError>> {
-        let task = self.io.spawn(work);
-        Box::pin(async move {
-            task.await
-                .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
-        })
+        super::reader::on_io(&self.io, work)
     }
 
     /// The feed a token (`shard#generation`) belongs to, if it is current.

@@ -123,16 +123,25 @@ pub struct KinesisReader {
 /// Kinesis allows five GetRecords calls per second per shard.
 const KINESIS_CALL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Runs an SDK call on the I/O runtime (the actors' threads have their
+/// own small runtimes); a task that dies answers with an error.
+pub(super) fn on_io<T: Send + 'static>(
+    io: &tokio::runtime::Handle,
+    work: impl std::future::Future<Output = Result<T, ReadError>> + Send + 'static,
+) -> BoxFuture<'static, Result<T, ReadError>> {
+    let task = io.spawn(work);
+    Box::pin(async move {
+        task.await
+            .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
+    })
+}
+
 impl KinesisReader {
     fn spawn<T: Send + 'static>(
         &self,
         work: impl std::future::Future<Output = Result<T, ReadError>> + Send + 'static,
     ) -> BoxFuture<'static, Result<T, ReadError>> {
-        let task = self.io.spawn(work);
-        Box::pin(async move {
-            task.await
-                .unwrap_or_else(|e| Err(("TaskFailed".into(), e.to_string())))
-        })
+        on_io(&self.io, work)
     }
 }
 

@@ -4,43 +4,18 @@
 
 use serde_json::Value;
 
-use super::{
-    data_object, failure, key_patterns, message_side, string_list, success, MessageSide, NodeOutput,
-};
+use super::{data_object, failure, success, KeySelection, MessageSide, NodeOutput};
 use crate::chain::Envelope;
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub from: MessageSide,
-    pub keys: Vec<regex::Regex>,
-}
-
-impl Config {
-    pub fn parse(config: &Value, version: u32) -> Result<Config, String> {
-        let keys = string_list(config, "keys")?;
-        if keys.is_empty() {
-            return Err("keys is empty: nothing to copy".into());
-        }
-        Ok(Config {
-            from: message_side(config, "copyFrom", version)?,
-            keys: key_patterns(&keys)?,
-        })
-    }
-
-    fn wanted(&self, key: &str) -> bool {
-        self.keys.iter().any(|k| k.is_match(key))
-    }
-}
-
-pub fn process(config: &Config, mut env: Envelope) -> NodeOutput {
+pub fn process(config: &KeySelection, mut env: Envelope) -> NodeOutput {
     let mut data = match data_object(&env) {
         Ok(data) => data,
         Err(reason) => return NodeOutput::Now(vec![failure(env, reason)]),
     };
-    match config.from {
+    match config.side {
         MessageSide::Metadata => {
             for (key, value) in &env.msg.metadata {
-                if config.wanted(key) {
+                if config.matches(key) {
                     data.insert(key.clone(), Value::String(value.clone()));
                 }
             }
@@ -48,7 +23,7 @@ pub fn process(config: &Config, mut env: Envelope) -> NodeOutput {
         }
         MessageSide::Data => {
             for (key, value) in data {
-                if config.wanted(&key) {
+                if config.matches(&key) {
                     let text = match value {
                         Value::String(s) => s,
                         other => other.to_string(),

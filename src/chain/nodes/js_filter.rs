@@ -9,21 +9,13 @@ use super::{failure, NodeOutput};
 use crate::chain::{Envelope, Services};
 use crate::convert::ScriptKind;
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub script: NodeScript,
+/// The node's script: `function Filter(msg, metadata, msgType)`.
+pub fn parse(config: &Value, origin: &str) -> Result<NodeScript, String> {
+    NodeScript::required(config, ScriptKind::RuleNode("Filter"), origin)
 }
 
-impl Config {
-    pub fn parse(config: &Value, origin: &str) -> Result<Config, String> {
-        Ok(Config {
-            script: NodeScript::required(config, ScriptKind::RuleNode("Filter"), origin)?,
-        })
-    }
-}
-
-pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutput {
-    let script = config.script.clone();
+pub fn process(script: &NodeScript, env: Envelope, services: &Services) -> NodeOutput {
+    let script = script.clone();
     let js = services.js.clone();
     NodeOutput::Later(Box::pin(async move {
         match script.run(&js, &env.msg).await {

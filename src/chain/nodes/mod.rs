@@ -47,13 +47,13 @@ use crate::msg::relation;
 pub enum NodeKind {
     MsgTypeSwitch,
     OriginatorTypeSwitch,
-    JsFilter(js_filter::Config),
-    JsSwitch(js_switch::Config),
+    JsFilter(script::NodeScript),
+    JsSwitch(script::NodeScript),
     CheckMessage(check_message::Config),
-    Transform(transform::Config),
+    Transform(script::NodeScript),
     RenameKeys(rename_keys::Config),
-    CopyKeys(copy_keys::Config),
-    DeleteKeys(delete_keys::Config),
+    CopyKeys(KeySelection),
+    DeleteKeys(KeySelection),
     ChangeOriginator(change_originator::Config),
     OriginatorAttributes(originator_attributes::Config),
     SaveTimeseries(save_timeseries::Config),
@@ -186,27 +186,26 @@ impl NodeKind {
         let kind = match short {
             "filter.TbMsgTypeSwitchNode" => NodeKind::MsgTypeSwitch,
             "filter.TbOriginatorTypeSwitchNode" => NodeKind::OriginatorTypeSwitch,
-            "filter.TbJsFilterNode" => {
-                NodeKind::JsFilter(js_filter::Config::parse(config, origin)?)
-            }
-            "filter.TbJsSwitchNode" => {
-                NodeKind::JsSwitch(js_switch::Config::parse(config, origin)?)
-            }
+            "filter.TbJsFilterNode" => NodeKind::JsFilter(js_filter::parse(config, origin)?),
+            "filter.TbJsSwitchNode" => NodeKind::JsSwitch(js_switch::parse(config, origin)?),
             "filter.TbCheckMessageNode" => {
                 NodeKind::CheckMessage(check_message::Config::parse(config)?)
             }
             "transform.TbTransformMsgNode" => {
-                NodeKind::Transform(transform::Config::parse(config, origin)?)
+                NodeKind::Transform(transform::parse(config, origin)?)
             }
             "transform.TbRenameKeysNode" => {
                 NodeKind::RenameKeys(rename_keys::Config::parse(config, version)?)
             }
             "transform.TbCopyKeysNode" => {
-                NodeKind::CopyKeys(copy_keys::Config::parse(config, version)?)
+                NodeKind::CopyKeys(KeySelection::parse(config, "copyFrom", version, "copy")?)
             }
-            "transform.TbDeleteKeysNode" => {
-                NodeKind::DeleteKeys(delete_keys::Config::parse(config, version)?)
-            }
+            "transform.TbDeleteKeysNode" => NodeKind::DeleteKeys(KeySelection::parse(
+                config,
+                "deleteFrom",
+                version,
+                "delete",
+            )?),
             "transform.TbChangeOriginatorNode" => {
                 NodeKind::ChangeOriginator(change_originator::Config::parse(config)?)
             }
@@ -312,9 +311,11 @@ impl NodeKind {
     /// Scripts the node runs, for the set's validation to compile.
     pub fn scripts(&self) -> Vec<&script::NodeScript> {
         match self {
-            NodeKind::JsFilter(c) => vec![&c.script],
-            NodeKind::JsSwitch(c) => vec![&c.script],
-            NodeKind::Transform(c) => vec![&c.script],
+            NodeKind::JsFilter(script)
+            | NodeKind::JsSwitch(script)
+            | NodeKind::Transform(script) => {
+                vec![script]
+            }
             NodeKind::Generator(n) => vec![n.script()],
             NodeKind::Log(c) => c.script.iter().collect(),
             _ => Vec::new(),
@@ -426,13 +427,43 @@ pub fn data_object(env: &Envelope) -> Result<serde_json::Map<String, Value>, Str
     }
 }
 
-/// Compiles a list of key patterns (regular expressions matched against
-/// the whole key, as ThingsBoard does).
-pub fn key_patterns(keys: &[String]) -> Result<Vec<regex::Regex>, String> {
-    keys.iter()
-        .map(|key| {
-            regex::Regex::new(&format!("^(?:{key})$"))
-                .map_err(|e| format!("key pattern {key:?} is not a valid regular expression: {e}"))
+/// Keys chosen by patterns (regular expressions matched against the whole
+/// key, as ThingsBoard does) on one side of the message: what the copy and
+/// delete keys nodes work on.
+#[derive(Debug, Clone)]
+pub struct KeySelection {
+    pub side: MessageSide,
+    pub keys: Vec<regex::Regex>,
+}
+
+impl KeySelection {
+    /// `side_field` names the version-1 side field (`copyFrom`,
+    /// `deleteFrom`); `what` the node's action, for errors.
+    pub fn parse(
+        config: &Value,
+        side_field: &str,
+        version: u32,
+        what: &str,
+    ) -> Result<KeySelection, String> {
+        let keys = string_list(config, "keys")?;
+        if keys.is_empty() {
+            return Err(format!("keys is empty: nothing to {what}"));
+        }
+        let keys = keys
+            .iter()
+            .map(|key| {
+                regex::Regex::new(&format!("^(?:{key})$")).map_err(|e| {
+                    format!("key pattern {key:?} is not a valid regular expression: {e}")
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(KeySelection {
+            side: message_side(config, side_field, version)?,
+            keys,
         })
-        .collect()
+    }
+
+    pub fn matches(&self, key: &str) -> bool {
+        self.keys.iter().any(|k| k.is_match(key))
+    }
 }

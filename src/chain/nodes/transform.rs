@@ -9,21 +9,13 @@ use super::{failure, success, NodeOutput};
 use crate::chain::{Envelope, Services};
 use crate::convert::ScriptKind;
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub script: NodeScript,
+/// The node's script: `function Transform(msg, metadata, msgType)`.
+pub fn parse(config: &Value, origin: &str) -> Result<NodeScript, String> {
+    NodeScript::required(config, ScriptKind::RuleNode("Transform"), origin)
 }
 
-impl Config {
-    pub fn parse(config: &Value, origin: &str) -> Result<Config, String> {
-        Ok(Config {
-            script: NodeScript::required(config, ScriptKind::RuleNode("Transform"), origin)?,
-        })
-    }
-}
-
-pub fn process(config: &Config, env: Envelope, services: &Services) -> NodeOutput {
-    let script = config.script.clone();
+pub fn process(script: &NodeScript, env: Envelope, services: &Services) -> NodeOutput {
+    let script = script.clone();
     let js = services.js.clone();
     NodeOutput::Later(Box::pin(async move {
         let result = script.run(&js, &env.msg).await;
