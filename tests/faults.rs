@@ -3,16 +3,15 @@
 //! real consumer, converter pool, chain and store run; only the reader is
 //! replaced. Every record must be stored exactly once.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use shardflow::config::Config;
 use shardflow::kinesis::reader::{Fetched, Position, RawRecord, ReadError, ShardInfo, ShardReader};
-use shardflow::service::Pipeline;
-use shardflow::store::Store;
 
 const RECORDS: usize = 300;
 
@@ -105,64 +104,20 @@ return { deviceName: "d", telemetry: { ts: 1700000000000 + data.seq, values: { s
 #[test]
 fn throttling_and_expired_iterators_lose_and_repeat_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(dir.path().join("converters")).unwrap();
-    std::fs::write(dir.path().join("converters/up.js"), CONVERTER).unwrap();
-    std::fs::copy(
-        root.join("converters/kinesis_downlink_version.js"),
-        dir.path().join("converters/down.js"),
-    )
-    .unwrap();
-    std::fs::copy(
-        root.join("rulechains/root.json"),
-        dir.path().join("root.json"),
-    )
-    .unwrap();
-    let config_text = r#"
-        root_chain = "root.json"
-        [[integration]]
-        name = "kinesis_integration"
-        uplink_converter = "converters/up.js"
-        downlink_converter = "converters/down.js"
-        stream_name = "faulty"
-        access_key_id = "test"
-        secret_access_key = "test"
-        initial_position = "TRIM_HORIZON"
-        endpoint_url = "http://127.0.0.1:9"
-    "#;
-    std::fs::write(dir.path().join("shardflow.toml"), config_text).unwrap();
-    let config = Config::load(&dir.path().join("shardflow.toml")).unwrap();
-    let source = shardflow::service::preflight(&config).unwrap();
-    let store = Store::open(&config.data_dir).unwrap();
-
-    let io = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let config = common::standin::workspace(
+        dir.path(),
+        "faulty",
+        CONVERTER,
+        "",
+        "initial_position = \"TRIM_HORIZON\"",
+    );
     let reader = Arc::new(FaultyReader::default());
     let used = reader.clone();
-    let counted = store.clone();
-    let handle = io.handle().clone();
-    actix::System::new().block_on(async move {
-        let factory = move |_: &shardflow::config::IntegrationConfig,
-                            _: &aws_sdk_kinesis::Client| {
-            reader.clone() as Arc<dyn ShardReader>
-        };
-        let pipeline = Pipeline::start(&config, source, store, handle, &factory)
-            .await
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while pipeline.status.records_done.load(Ordering::Relaxed) < RECORDS as u64 {
-            assert!(
-                Instant::now() < deadline,
-                "records done: {:?}",
-                pipeline.status.records_done
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        pipeline.stop().await.unwrap();
-    });
+    let counted = common::standin::run_until(
+        &config,
+        move |_, _| reader.clone() as Arc<dyn ShardReader>,
+        |_, done| done >= RECORDS as u64,
+    );
 
     let device = counted
         .entity_by_name(shardflow::msg::EntityType::Device, "d")
@@ -182,4 +137,103 @@ fn throttling_and_expired_iterators_lose_and_repeat_nothing() {
         )
         .unwrap();
     assert_eq!(checkpoint.unwrap().sequence_number.as_deref(), Some("300"));
+}
+
+/// A shard whose parents have expired from the stream (no longer listed):
+/// 40 records, then its end.
+struct OrphanReader;
+
+const ORPHAN_RECORDS: usize = 40;
+
+impl ShardReader for OrphanReader {
+    fn shards(&self, _: &str) -> BoxFuture<'static, Result<Vec<ShardInfo>, ReadError>> {
+        Box::pin(async {
+            Ok(vec![ShardInfo {
+                id: "shardId-000000000002".into(),
+                parents: vec!["shardId-000000000000".into(), "shardId-000000000001".into()],
+                hash_range: None,
+            }])
+        })
+    }
+
+    fn created_ms(&self, _: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn iterator(
+        &self,
+        _: &str,
+        _: &str,
+        position: &Position,
+    ) -> BoxFuture<'static, Result<Option<String>, ReadError>> {
+        let offset = match position {
+            Position::After(sequence) => sequence.parse::<usize>().unwrap(),
+            Position::At(sequence) => sequence.parse::<usize>().unwrap() - 1,
+            Position::Initial(_) => 0,
+        };
+        Box::pin(async move { Ok(Some(offset.to_string())) })
+    }
+
+    fn records(
+        &self,
+        iterator: String,
+        limit: i32,
+    ) -> BoxFuture<'static, Result<Fetched, ReadError>> {
+        let offset: usize = iterator.parse().unwrap();
+        let count = (limit as usize).min(10).min(ORPHAN_RECORDS - offset);
+        let records = (offset..offset + count)
+            .map(|n| RawRecord {
+                sequence_number: (n + 1).to_string(),
+                partition_key: "k".into(),
+                arrival_ms: 1_700_000_000_000,
+                data: Bytes::from(format!(r#"{{"seq": {n}}}"#)),
+            })
+            .collect();
+        let next = offset + count;
+        Box::pin(async move {
+            Ok(Fetched {
+                records,
+                next_iterator: (next < ORPHAN_RECORDS).then(|| next.to_string()),
+                millis_behind_latest: Some(0),
+            })
+        })
+    }
+
+    fn call_interval(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+}
+
+#[test]
+fn a_shard_whose_parents_expired_is_read_and_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::standin::workspace(
+        dir.path(),
+        "orphaned",
+        CONVERTER,
+        "",
+        "initial_position = \"TRIM_HORIZON\"",
+    );
+    let shard_end = |store: &shardflow::store::Store| {
+        store
+            .checkpoint(
+                "shardflow-kinesis_integration",
+                "orphaned",
+                "shardId-000000000002",
+            )
+            .unwrap()
+            .is_some_and(|c| c.shard_end)
+    };
+    let store = common::standin::run_until(
+        &config,
+        |_, _| Arc::new(OrphanReader) as Arc<dyn ShardReader>,
+        |store, _| shard_end(store),
+    );
+    let device = store
+        .entity_by_name(shardflow::msg::EntityType::Device, "d")
+        .unwrap();
+    assert_eq!(
+        store.history_count(device.id).unwrap(),
+        ORPHAN_RECORDS as i64
+    );
 }

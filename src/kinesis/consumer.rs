@@ -304,6 +304,23 @@ impl ShardConsumer {
                 self.skip_through = None;
                 self.position(ctx);
             }
+            Err((code, message))
+                if code == "InvalidArgumentException" && self.last_fetched.is_some() =>
+            {
+                // The shard refuses the sequence number of its own last
+                // record: the stream was deleted and created again under
+                // the same name while it was read.
+                tracing::warn!(
+                    integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+                    last_read = ?self.last_fetched, error = %message,
+                    "the shard refuses its own last sequence number: the stream was deleted and created again; its new shard is read from TRIM_HORIZON once the records in flight are done"
+                );
+                self.set_state(
+                    ShardState::Retrying,
+                    Some(format!("stream created again: {code}: {message}")),
+                );
+                self.restart_when_drained(ctx);
+            }
             Err((code, message)) => {
                 let wait = self.next_backoff(&code);
                 tracing::warn!(
@@ -315,6 +332,30 @@ impl ShardConsumer {
                 ctx.run_later(wait, |consumer, ctx| consumer.position(ctx));
             }
         }
+    }
+
+    /// Starts the shard afresh at TRIM_HORIZON (its stream was created
+    /// again) once every record of the old one in flight is done; fetches
+    /// nothing meanwhile.
+    fn restart_when_drained(&mut self, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        self.phase = Phase::Positioning;
+        if !self.window.is_empty() || !self.converted.is_empty() {
+            ctx.run_later(Duration::from_millis(100), |consumer, ctx| {
+                consumer.restart_when_drained(ctx)
+            });
+            return;
+        }
+        self.window = Window::new();
+        self.iterator = None;
+        self.last_fetched = None;
+        self.skip_through = None;
+        self.gap_check = None;
+        self.written_checkpoint = None;
+        self.start = Position::Initial(crate::config::InitialPosition::TrimHorizon);
+        self.position(ctx);
     }
 
     fn next_backoff(&mut self, code: &str) -> Duration {

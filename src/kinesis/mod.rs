@@ -11,7 +11,7 @@ pub mod producer;
 pub mod reader;
 pub mod window;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,15 +133,20 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
             initial,
             retention_ms,
             started: HashSet::new(),
+            running: HashMap::new(),
         };
         let interval = Duration::from_millis(integration.pipeline.shard_sync_interval_ms);
+        // After a failed listing the next one waits longer, up to a minute.
+        let mut wait = interval;
+        // The stream was not found at the last listing.
+        let mut vanished = false;
         loop {
             supervisor.start_ready(&shards).await;
             integration
                 .status
                 .integration_pending(&integration.config.name, None);
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = integration.shard_finished.notified() => {}
             }
             match integration
@@ -149,11 +154,22 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
                 .shards(&integration.config.stream_name)
                 .await
             {
-                Ok(listed) => shards = listed,
-                Err((code, message)) => tracing::warn!(
-                    integration = %integration.config.name, stream = %integration.config.stream_name,
-                    error = %format!("{code}: {message}"), "cannot list shards; trying again later"
-                ),
+                Ok(listed) => {
+                    shards = listed;
+                    wait = interval;
+                    if std::mem::take(&mut vanished) {
+                        supervisor.stream_back().await;
+                    }
+                }
+                Err((code, message)) => {
+                    vanished |= code == "ResourceNotFoundException";
+                    wait = (wait * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                    tracing::warn!(
+                        integration = %integration.config.name, stream = %integration.config.stream_name,
+                        error = %format!("{code}: {message}"), retry_in_ms = wait.as_millis() as u64,
+                        "cannot list shards; trying again later"
+                    );
+                }
             }
         }
     });
@@ -166,9 +182,26 @@ struct ShardSupervisor {
     initial: InitialPosition,
     retention_ms: Option<i64>,
     started: HashSet<String>,
+    /// The consumer of each started shard.
+    running: HashMap<String, Addr<ShardConsumer>>,
 }
 
 impl ShardSupervisor {
+    /// The stream is found again after it was not: if it is a new stream
+    /// under the same name, its checkpoints are dropped (by the identity
+    /// check), running consumers start their shards afresh by themselves
+    /// (their shard refuses their last sequence number), and shards that
+    /// had finished are started again when the new stream lists them.
+    async fn stream_back(&mut self) {
+        if let StreamIdentity::Recreated = check_stream_identity(&self.integration).await {
+            self.initial = InitialPosition::TrimHorizon;
+            let running = &self.running;
+            self.started
+                .retain(|id| running.get(id).is_some_and(Addr::connected));
+            self.running.retain(|id, _| self.started.contains(id));
+        }
+    }
+
     async fn checkpoint(&self, shard: &str) -> Option<crate::store::Checkpoint> {
         let store = self.integration.store.clone();
         let config = &self.integration.config;
@@ -263,9 +296,11 @@ impl ShardSupervisor {
         let integration = self.integration.clone();
         let arbiter = &self.arbiters[self.started.len() % self.arbiters.len()];
         self.started.insert(id.clone());
+        let shard = id.clone();
         let addr = ShardConsumer::start_in_arbiter(arbiter, move |_| {
             ShardConsumer::new(integration, id, start)
         });
+        self.running.insert(shard, addr.clone());
         self.consumers.0.lock().expect("consumers lock").push(addr);
     }
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod engine;
+pub mod standin;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -523,8 +524,15 @@ impl Service {
         service
     }
 
-    /// Starts (or restarts) the service in `dir`.
+    /// Starts (or restarts) the service in `dir`; waits until `/ready`.
     pub async fn start_in(dir: &Path, setup: &Setup, emulator: &Emulator) -> Service {
+        let service = Service::launch_in(dir, setup, emulator);
+        service.wait_ready().await;
+        service
+    }
+
+    /// Starts the service in `dir` without waiting for it to be ready.
+    pub fn launch_in(dir: &Path, setup: &Setup, emulator: &Emulator) -> Service {
         let port = free_port();
         let config = write_config(dir, setup, &emulator.endpoint, port);
         let log = std::fs::OpenOptions::new()
@@ -558,16 +566,33 @@ impl Service {
             .stderr(log)
             .spawn()
             .expect("start shardflow");
-        let service = Service {
+        Service {
             dir: dir.to_path_buf(),
             base_url: format!("http://127.0.0.1:{port}"),
             child: Some(child),
             _temp: None,
             http: reqwest::Client::new(),
             token: None,
-        };
-        service.wait_ready().await;
-        service
+        }
+    }
+
+    /// The process's CPU time so far (user and system).
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.child.as_ref().expect("running").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime and stime are fields 14 and 15, in clock ticks.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 1000 / clock_ticks_per_second())
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     pub async fn wait_ready(&self) {
@@ -723,4 +748,12 @@ impl Drop for Service {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn clock_ticks_per_second() -> u64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100)
 }

@@ -1,0 +1,155 @@
+//! A stream that is not there: missing when the service starts (a clear
+//! error naming stream and region, then picked up once created), and
+//! deleted while the service runs (logged and retried with back-off, no
+//! busy loop, read again once created anew).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const CONVERTER: &str = r#"
+var data = decodeToJson(payload);
+return { deviceName: "d", telemetry: { ts: data.ts, values: { seq: data.seq } } };
+"#;
+
+const BASE_TS: i64 = 1_700_000_000_000;
+
+fn batch(from: i64, to: i64) -> Vec<(String, Vec<u8>)> {
+    (from..to)
+        .map(|i| {
+            let body = json!({"ts": BASE_TS + i, "seq": i});
+            (format!("k{}", i % 7), body.to_string().into_bytes())
+        })
+        .collect()
+}
+
+fn stored(service: &Service) -> i64 {
+    service
+        .db()
+        .query_row(
+            "SELECT count(DISTINCT long_v) FROM ts_kv WHERE key = 'seq'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
+async fn wait_stored(service: &Service, count: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while stored(service) < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stored {} of {count}\n{}",
+            stored(service),
+            service.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn setup(stream: &str) -> Setup {
+    let mut setup = Setup::walkthrough(stream);
+    setup.uplink_converter = CONVERTER.into();
+    setup
+}
+
+async fn ready_status(service: &Service) -> u16 {
+    service
+        .http
+        .get(format!("{}/ready", service.base_url))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_is_named_with_its_region_and_read_once_created() {
+    let emulator = Emulator::start();
+    let kinesis = emulator.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let service = Service::launch_in(dir.path(), &setup("late"), &emulator);
+
+    let log = wait_for("the missing stream named", Duration::from_secs(30), || {
+        let log = service.log();
+        async move {
+            log.contains("stream \"late\" not found in region us-east-1")
+                .then_some(log)
+        }
+    })
+    .await;
+    assert!(log.contains("ERROR"), "{log}");
+    assert_eq!(
+        ready_status(&service).await,
+        503,
+        "not ready without its stream"
+    );
+
+    create_stream(&kinesis, "late", 2).await;
+    put_many(&kinesis, "late", &batch(0, 40)).await;
+    wait_stored(&service, 40).await;
+    service.wait_ready().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_while_running_is_retried_without_spinning_and_read_when_back() {
+    let emulator = Emulator::start();
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "vanishing", 1).await;
+    put_many(&kinesis, "vanishing", &batch(0, 30)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Service::start_in(dir.path(), &setup("vanishing"), &emulator).await;
+    wait_stored(&service, 30).await;
+
+    kinesis
+        .delete_stream()
+        .stream_name("vanishing")
+        .send()
+        .await
+        .unwrap();
+    wait_for("the deletion noticed", Duration::from_secs(30), || {
+        let log = service.log();
+        async move { log.contains("ResourceNotFoundException").then_some(()) }
+    })
+    .await;
+
+    // Twelve seconds without the stream: retried with back-off, not in a
+    // loop that keeps a core busy.
+    let cpu_before = service.cpu_time();
+    let lines_before = service.log().lines().count();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let cpu = service.cpu_time() - cpu_before;
+    let lines = service.log().lines().count() - lines_before;
+    assert!(service.running(), "{}", service.log());
+    assert!(
+        cpu < Duration::from_secs(3),
+        "{cpu:?} of CPU in 12 s without a stream"
+    );
+    assert!(lines < 40, "{lines} log lines in 12 s:\n{}", service.log());
+    let (status, _) = service.get("/api/tenant/devices?deviceName=d").await;
+    assert_eq!(status, 200, "the API keeps serving");
+
+    // Created again under the same name: its records are read from its
+    // start; the old checkpoint does not hide them.
+    create_stream(&kinesis, "vanishing", 1).await;
+    put_many(&kinesis, "vanishing", &batch(30, 50)).await;
+    wait_stored(&service, 50).await;
+    let rows: i64 = service
+        .db()
+        .query_row("SELECT count(*) FROM ts_kv WHERE key = 'seq'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(rows, 50, "each record stored once");
+    assert!(
+        service
+            .log()
+            .contains("the stream was deleted and created again"),
+        "{}",
+        service.log()
+    );
+}
