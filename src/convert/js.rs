@@ -694,6 +694,58 @@ mod tests {
     }
 
     #[test]
+    fn deep_recursion_and_a_gigabyte_string_are_stopped_and_the_runtime_recovers() {
+        let mut js = runtime_with(Duration::from_secs(60), 16);
+        js.compile(
+            "deep",
+            "test.js",
+            "F",
+            "",
+            "function f(n) { return f(n + 1) + 1; } return f(0);",
+        )
+        .unwrap();
+        let err = js.call("deep", &[]).unwrap_err();
+        assert!(
+            format!("{err:?}").contains("Maximum call stack size exceeded"),
+            "{err:?}"
+        );
+        js.compile(
+            "huge",
+            "test.js",
+            "F",
+            "",
+            "return 'x'.repeat(1 << 30).length;",
+        )
+        .unwrap();
+        let err = js.call("huge", &[]).unwrap_err();
+        assert!(
+            matches!(err, JsError::OutOfMemory(_)) || format!("{err}").contains("RangeError"),
+            "{err:?}"
+        );
+        js.compile("ok", "test.js", "F", "", "return 6 * 7;")
+            .unwrap();
+        assert_eq!(js.call("ok", &[]).unwrap(), serde_json::json!(42));
+    }
+
+    #[test]
+    fn scripts_reach_no_file_system_network_process_or_environment() {
+        let mut js = runtime();
+        js.compile(
+            "host",
+            "test.js",
+            "F",
+            "",
+            "return [typeof require, typeof process, typeof std, typeof os, typeof fetch, \
+             typeof XMLHttpRequest, typeof WebSocket, typeof Deno, typeof scriptArgs];",
+        )
+        .unwrap();
+        assert_eq!(
+            js.call("host", &[]).unwrap(),
+            serde_json::Value::Array(vec![serde_json::json!("undefined"); 9])
+        );
+    }
+
+    #[test]
     fn thrown_errors_carry_their_message() {
         let mut js = runtime();
         js.compile("t", "test.js", "F", "", "throw new Error('bad payload');")
