@@ -44,6 +44,8 @@ use crate::store::Write;
 const DECODE_CHUNK: usize = 256;
 /// Longest wait between calls when caught up.
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(1000);
+/// Shortest such wait, for sources without a call limit.
+const MIN_IDLE_WAIT: Duration = Duration::from_millis(10);
 /// Longest backoff after errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
 
@@ -503,10 +505,13 @@ impl ShardConsumer {
                 s.records_read += fetched as u64;
             });
 
-        // Caught up: wait before the next call, longer while it stays so.
-        // A pushing reader waits for records itself.
+        // Caught up: wait before the next call, one call interval at first
+        // (200 ms for Kinesis; a little for a source without a call limit),
+        // longer while it stays caught up. A pushing reader waits for
+        // records itself.
         if fetched == 0 && behind == Some(0) && !self.reader().pushes() {
-            self.idle_wait = (self.idle_wait * 2).clamp(Duration::from_millis(200), MAX_IDLE_WAIT);
+            let first = self.reader().call_interval().max(MIN_IDLE_WAIT);
+            self.idle_wait = (self.idle_wait * 2).clamp(first, MAX_IDLE_WAIT);
             self.next_call_at = self.next_call_at.max(Instant::now() + self.idle_wait);
         } else {
             self.idle_wait = Duration::ZERO;
