@@ -115,7 +115,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             max_in_flight_records: 4_000,
             max_in_flight_bytes: 8 * 1024 * 1024,
-            max_in_flight_records_total: 10_000,
+            max_in_flight_records_total: 14_000,
             max_in_flight_bytes_total: 64 * 1024 * 1024,
             checkpoint_interval_ms: 1000,
             shard_sync_interval_ms: 10_000,
