@@ -13,12 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use shardflow::chain::loader::{self, UnknownNodes};
 use shardflow::convert::js::{JsArg, JsLimits, JsRuntime};
-use shardflow::kinesis::reader::{Fetched, Position, RawRecord, ReadError, ShardInfo, ShardReader};
+use shardflow::kinesis::reader::ShardReader;
 
 fn limits() -> JsLimits {
     JsLimits {
@@ -153,69 +152,6 @@ proptest! {
     }
 }
 
-/// One shard serving the given payloads, 10 per call.
-struct Payloads(Vec<Vec<u8>>);
-
-impl ShardReader for Payloads {
-    fn shards(&self, _: &str) -> BoxFuture<'static, Result<Vec<ShardInfo>, ReadError>> {
-        Box::pin(async {
-            Ok(vec![ShardInfo {
-                id: "shardId-000000000000".into(),
-                parents: vec![],
-                hash_range: None,
-            }])
-        })
-    }
-
-    fn created_ms(&self, _: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {
-        Box::pin(async { Ok(None) })
-    }
-
-    fn iterator(
-        &self,
-        _: &str,
-        _: &str,
-        position: &Position,
-    ) -> BoxFuture<'static, Result<Option<String>, ReadError>> {
-        let offset = match position {
-            Position::After(sequence) => sequence.parse::<usize>().unwrap(),
-            Position::At(sequence) => sequence.parse::<usize>().unwrap() - 1,
-            Position::Initial(_) => 0,
-        };
-        Box::pin(async move { Ok(Some(offset.to_string())) })
-    }
-
-    fn records(
-        &self,
-        iterator: String,
-        limit: i32,
-    ) -> BoxFuture<'static, Result<Fetched, ReadError>> {
-        let offset: usize = iterator.parse().unwrap();
-        let count = (limit as usize).min(10).min(self.0.len() - offset);
-        let records = (offset..offset + count)
-            .map(|n| RawRecord {
-                sequence_number: (n + 1).to_string(),
-                partition_key: format!("k{n}"),
-                arrival_ms: 1_700_000_000_000 + n as i64,
-                data: Bytes::from(self.0[n].clone()),
-            })
-            .collect();
-        let next = offset + count;
-        let behind = if next < self.0.len() { 1000 } else { 0 };
-        Box::pin(async move {
-            Ok(Fetched {
-                records,
-                next_iterator: Some(next.to_string()),
-                millis_behind_latest: Some(behind),
-            })
-        })
-    }
-
-    fn call_interval(&self) -> Duration {
-        Duration::from_millis(1)
-    }
-}
-
 /// A payload: the walkthrough's JSON, JSON of another shape, or any bytes.
 fn payload() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
@@ -263,7 +199,7 @@ proptest! {
         let store = shardflow::store::Store::open(&config.data_dir).unwrap();
         let io = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let total = payloads.len();
-        let reader = Arc::new(Payloads(payloads.clone()));
+        let reader = Arc::new(common::standin::PayloadReader::new(payloads.clone()));
         let handle = io.handle().clone();
         let checked = store.clone();
         actix::System::new().block_on(async move {

@@ -3,12 +3,15 @@
 //! pool, chain and store run; only the reader is replaced.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
 use shardflow::config::{Config, IntegrationConfig};
-use shardflow::kinesis::reader::ShardReader;
+use shardflow::kinesis::reader::{Fetched, Position, RawRecord, ReadError, ShardInfo, ShardReader};
 use shardflow::service::Pipeline;
 use shardflow::store::Store;
 
@@ -92,4 +95,97 @@ pub fn run_until(
         pipeline.stop().await.unwrap();
     });
     kept
+}
+
+/// One shard serving `payloads` in order, `per_call` at a time; record `n`
+/// has sequence number `n + 1`, partition key `k{n}`. `fault` may fail the
+/// `records` call with its number (from 1); `ends`: SHARD_END after the
+/// last record (else the shard stays open). Every position asked for is
+/// kept in `positions`.
+pub struct PayloadReader {
+    pub shard: ShardInfo,
+    pub payloads: Vec<Vec<u8>>,
+    pub per_call: usize,
+    pub ends: bool,
+    pub fault: fn(usize) -> Option<ReadError>,
+    pub calls: AtomicUsize,
+    pub positions: Mutex<Vec<String>>,
+}
+
+impl PayloadReader {
+    /// `shardId-000000000000`, no parents, 10 per call, open, no faults.
+    pub fn new(payloads: Vec<Vec<u8>>) -> PayloadReader {
+        PayloadReader {
+            shard: ShardInfo {
+                id: "shardId-000000000000".into(),
+                parents: vec![],
+                hash_range: None,
+            },
+            payloads,
+            per_call: 10,
+            ends: false,
+            fault: |_| None,
+            calls: AtomicUsize::new(0),
+            positions: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl ShardReader for PayloadReader {
+    fn shards(&self, _: &str) -> BoxFuture<'static, Result<Vec<ShardInfo>, ReadError>> {
+        let shard = self.shard.clone();
+        Box::pin(async move { Ok(vec![shard]) })
+    }
+
+    fn created_ms(&self, _: &str) -> BoxFuture<'static, Result<Option<i64>, ReadError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn iterator(
+        &self,
+        _: &str,
+        _: &str,
+        position: &Position,
+    ) -> BoxFuture<'static, Result<Option<String>, ReadError>> {
+        self.positions.lock().unwrap().push(format!("{position:?}"));
+        let offset = match position {
+            Position::After(sequence) => sequence.parse::<usize>().unwrap(),
+            Position::At(sequence) => sequence.parse::<usize>().unwrap() - 1,
+            Position::Initial(_) => 0,
+        };
+        Box::pin(async move { Ok(Some(offset.to_string())) })
+    }
+
+    fn records(
+        &self,
+        iterator: String,
+        limit: i32,
+    ) -> BoxFuture<'static, Result<Fetched, ReadError>> {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(error) = (self.fault)(call) {
+            return Box::pin(async move { Err(error) });
+        }
+        let total = self.payloads.len();
+        let offset: usize = iterator.parse().unwrap();
+        let count = (limit as usize).min(self.per_call).min(total - offset);
+        let records = (offset..offset + count)
+            .map(|n| RawRecord {
+                sequence_number: (n + 1).to_string(),
+                partition_key: format!("k{n}"),
+                arrival_ms: 1_700_000_000_000 + n as i64,
+                data: Bytes::from(self.payloads[n].clone()),
+            })
+            .collect();
+        let next = offset + count;
+        let fetched = Fetched {
+            records,
+            next_iterator: (next < total || !self.ends).then(|| next.to_string()),
+            millis_behind_latest: Some(if next < total { 1000 } else { 0 }),
+        };
+        Box::pin(async move { Ok(fetched) })
+    }
+
+    fn call_interval(&self) -> Duration {
+        Duration::from_millis(1)
+    }
 }
