@@ -71,6 +71,9 @@ pub struct HttpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Host names (besides IP addresses and `localhost`) the API answers
+    /// to in the Host header, e.g. the name of a reverse proxy.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -83,6 +86,7 @@ impl Default for HttpConfig {
             token_ttl_secs: 9000,
             tls_cert: None,
             tls_key: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -115,7 +119,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             max_in_flight_records: 4_000,
             max_in_flight_bytes: 8 * 1024 * 1024,
-            max_in_flight_records_total: 14_000,
+            max_in_flight_records_total: 10_000,
             max_in_flight_bytes_total: 64 * 1024 * 1024,
             checkpoint_interval_ms: 1000,
             shard_sync_interval_ms: 10_000,

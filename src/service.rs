@@ -295,6 +295,8 @@ async fn serve(
         integrations: pipeline.integrations.clone(),
         stopping: stopping_rx,
         serves_tls: config.http.tls_cert.is_some(),
+        password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
+        allowed_hosts: Arc::new(config.http.allowed_hosts.clone()),
     });
     let address = listener.local_addr()?;
     let tls = match (&config.http.tls_cert, &config.http.tls_key) {

@@ -133,3 +133,87 @@ async fn tokens_keys_and_logs_are_handled_with_care() {
         .iter()
         .any(|l| l["fields"]["message"] == "shardflow stopped"));
 }
+
+/// A login flood, cross-site logins and DNS rebinding: parallel wrong
+/// passwords get no more checks than the limit, a page of another site can
+/// neither log in nor use up the limit, and a Host header naming another
+/// site is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_floods_foreign_origins_and_rebound_hosts_are_refused() {
+    let emulator = Emulator::start();
+    let client = emulator.client().await;
+    create_stream(&client, "guarded", 1).await;
+    let mut setup = Setup::walkthrough("guarded");
+    setup.http_extra = "allowed_hosts = [\"shardflow.example\"]".into();
+    let service = Service::start(&setup, &emulator).await;
+    let http = service.http.clone();
+    let login_url = format!("{}/api/auth/login", service.base_url);
+    let right = json!({"username": "tenant@thingsboard.org", "password": "tenant"});
+    let port = service.base_url.rsplit(':').next().unwrap().to_string();
+
+    // DNS rebinding: a name the server does not answer to.
+    let rebound = http
+        .post(&login_url)
+        .header("Host", format!("evil.example:{port}"))
+        .header("Origin", format!("http://evil.example:{port}"))
+        .json(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status().as_u16(), 421);
+    let body: Value = rebound.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("allowed_hosts"),
+        "{body}"
+    );
+    for host in [
+        format!("shardflow.example:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let response = http
+            .get(format!("{}/health", service.base_url))
+            .header("Host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{host}");
+    }
+
+    // A cross-site login (as a page's no-cors fetch would send it) is
+    // refused before any password check.
+    for _ in 0..12 {
+        let response = http
+            .post(&login_url)
+            .header("Origin", "http://evil.example")
+            .header("Content-Type", "text/plain")
+            .body(r#"{"username": "x", "password": "y"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 403);
+    }
+    let response = http.post(&login_url).json(&right).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "the limit is not used up");
+
+    // Forty wrong passwords at once: at most ten are checked.
+    let wrong = (0..40).map(|i| {
+        let (http, url) = (http.clone(), login_url.clone());
+        async move {
+            http.post(url)
+                .json(&json!({"username": "u", "password": format!("wrong{i}")}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(wrong).await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(checked + refused, 40, "{statuses:?}");
+    assert!(checked <= 10, "{checked} password checks: {statuses:?}");
+    let response = http.post(&login_url).json(&right).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 429, "locked for the minute");
+}

@@ -39,7 +39,7 @@ pub struct Auth {
     password_hash: String,
     token_ttl_secs: u64,
     /// Times of recent failed logins, for rate limiting.
-    failures: Mutex<VecDeque<Instant>>,
+    failures: Mutex<LoginAttempts>,
     /// Token ids logged out, with their expiry (epoch seconds).
     revoked: Mutex<HashMap<String, i64>>,
 }
@@ -48,6 +48,34 @@ pub struct Auth {
 /// refused (429) until the window moves on.
 const MAX_FAILURES: usize = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Failed logins of the last `FAILURE_WINDOW`, and checks under way.
+#[derive(Default)]
+struct LoginAttempts {
+    failed: VecDeque<Instant>,
+    checking: usize,
+}
+
+/// A password check under way (see [`Auth::begin_login`]).
+pub struct Attempt<'a> {
+    auth: &'a Auth,
+}
+
+impl Attempt<'_> {
+    /// The password was wrong: counts as a failure for a minute.
+    pub fn failed(self) {
+        let mut attempts = self.auth.failures.lock().unwrap_or_else(|e| e.into_inner());
+        attempts.failed.push_back(Instant::now());
+        // Drop runs next and ends the check.
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut attempts = self.auth.failures.lock().unwrap_or_else(|e| e.into_inner());
+        attempts.checking -= 1;
+    }
+}
 
 /// A verified token's claims that matter here.
 #[derive(Debug)]
@@ -89,7 +117,7 @@ impl Auth {
             username,
             password_hash,
             token_ttl_secs,
-            failures: Mutex::new(VecDeque::new()),
+            failures: Mutex::new(LoginAttempts::default()),
             revoked: Mutex::new(HashMap::new()),
         })
     }
@@ -107,7 +135,7 @@ impl Auth {
             username,
             password_hash: String::new(),
             token_ttl_secs: 300,
-            failures: Mutex::new(VecDeque::new()),
+            failures: Mutex::new(LoginAttempts::default()),
             revoked: Mutex::new(HashMap::new()),
         })
     }
@@ -117,24 +145,25 @@ impl Auth {
         self.sign(&self.username, self.token_ttl_secs, false)
     }
 
-    /// Whether the failed logins of the last minute reached the limit.
-    pub fn too_many_failures(&self) -> bool {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        while failures
+    /// Starts a password check, or refuses it when the failed logins of
+    /// the last minute and the checks under way together reach the limit:
+    /// a check counts before its (slow) hash is computed, so a burst of
+    /// parallel logins gets no more checks than the limit allows. Record
+    /// the outcome with [`Attempt::failed`]; dropping it counts as success.
+    pub fn begin_login(&self) -> Option<Attempt<'_>> {
+        let mut attempts = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        while attempts
+            .failed
             .front()
             .is_some_and(|t| t.elapsed() > FAILURE_WINDOW)
         {
-            failures.pop_front();
+            attempts.failed.pop_front();
         }
-        failures.len() >= MAX_FAILURES
-    }
-
-    pub fn record_failure(&self) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures.push_back(Instant::now());
-        if failures.len() > MAX_FAILURES {
-            failures.pop_front();
+        if attempts.failed.len() + attempts.checking >= MAX_FAILURES {
+            return None;
         }
+        attempts.checking += 1;
+        Some(Attempt { auth: self })
     }
 
     /// Checks credentials against the argon2 hash (slow by design; the
@@ -392,10 +421,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
         for _ in 0..9 {
-            auth.record_failure();
+            auth.begin_login().unwrap().failed();
         }
-        assert!(!auth.too_many_failures());
-        auth.record_failure();
-        assert!(auth.too_many_failures());
+        // Successful checks do not count.
+        drop(auth.begin_login().unwrap());
+        auth.begin_login().unwrap().failed();
+        assert!(auth.begin_login().is_none());
+    }
+
+    #[test]
+    fn checks_under_way_count_against_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
+        let under_way: Vec<_> = (0..10).map(|_| auth.begin_login().unwrap()).collect();
+        assert!(auth.begin_login().is_none(), "an eleventh parallel check");
+        drop(under_way);
+        assert!(auth.begin_login().is_some());
     }
 }

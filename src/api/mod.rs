@@ -58,6 +58,10 @@ pub struct ApiState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Whether the API itself serves TLS (session cookies are then Secure).
     pub serves_tls: bool,
+    /// Password checks run at once (each takes argon2's memory).
+    pub password_checks: Arc<tokio::sync::Semaphore>,
+    /// Host names the API answers to besides IP addresses and `localhost`.
+    pub allowed_hosts: Arc<Vec<String>>,
 }
 
 /// An API error in ThingsBoard's shape: `{status, message, errorCode}`.
@@ -200,7 +204,50 @@ pub fn router(state: ApiState) -> Router {
         .merge(ui::routes())
         .merge(protected)
         .layer(middleware::from_fn(ui::security_headers))
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
+}
+
+/// Refuses requests whose Host header names a host this server does not
+/// answer to: a page of another site whose name was made to resolve to
+/// this address (DNS rebinding) must not reach the API as if it were
+/// same-origin. IP addresses and `localhost` are always accepted (a
+/// rebinding needs a name), other names only from `[http] allowed_hosts`.
+async fn check_host(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().host().map(str::to_string));
+    match host {
+        Some(host) if !host_allowed(&host, &state.allowed_hosts) => {
+            tracing::warn!(host = %host, path = %request.uri().path(), "request refused: Host is not one this server answers to");
+            ApiError {
+                status: StatusCode::MISDIRECTED_REQUEST,
+                message: format!(
+                    "this server does not answer to the host {host:?}; add it to [http] allowed_hosts"
+                ),
+                code: 2,
+            }
+            .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether `host` (a Host header: name or address, with or without port)
+/// is an IP address, `localhost`, or one of `allowed`.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [IPv6]:port
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
 /// Who made a request, and how: a bearer token (API clients) or the
@@ -276,7 +323,18 @@ fn json_body(body: &Bytes) -> ApiResult<Value> {
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
 }
 
-async fn login(State(state): State<ApiState>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn login(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    // API clients send no Origin; a browser always does on a cross-site
+    // POST, so a page of another site cannot use up the failed-login limit.
+    if headers.contains_key(axum::http::header::ORIGIN) {
+        if let Err(reason) = session::same_origin(&headers) {
+            return Err(ApiError::forbidden(format!("login refused: {reason}")));
+        }
+    }
     let username = check_login(&state, &body).await?;
     Ok(Json(state.auth.issue(&username)))
 }
@@ -293,21 +351,27 @@ async fn check_login(state: &ApiState, body: &Bytes) -> ApiResult<String> {
             "username and password must be given as strings",
         ));
     };
-    if state.auth.too_many_failures() {
+    let Some(attempt) = state.auth.begin_login() else {
         return Err(ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: "too many failed logins; try again in a minute".into(),
             code: 10,
         });
-    }
-    // argon2 takes tens of milliseconds: off the reactor.
+    };
+    // argon2 takes tens of milliseconds and megabytes of memory: off the
+    // reactor, and a few at a time.
+    let _permit = state
+        .password_checks
+        .acquire()
+        .await
+        .map_err(ApiError::internal)?;
     let auth = state.auth.clone();
     let (user, pass) = (username.to_string(), password.to_string());
     let valid = tokio::task::spawn_blocking(move || auth.check_password(&user, &pass))
         .await
         .map_err(ApiError::internal)?;
     if !valid {
-        state.auth.record_failure();
+        attempt.failed();
         tracing::warn!("failed login");
         return Err(ApiError::unauthorized("Invalid username or password"));
     }

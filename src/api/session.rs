@@ -56,7 +56,7 @@ pub fn check_forgery(auth: &Auth, token_id: &str, headers: &HeaderMap) -> Result
 
 /// Whether Origin (or, when a browser sent none, Referer) names the host
 /// the request was sent to.
-fn same_origin(headers: &HeaderMap) -> Result<(), &'static str> {
+pub(super) fn same_origin(headers: &HeaderMap) -> Result<(), &'static str> {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
