@@ -153,3 +153,35 @@ async fn a_stream_deleted_while_running_is_retried_without_spinning_and_read_whe
         service.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_endpoint_with_the_stream_created_anew_is_read_from_its_start() {
+    let emulator = Emulator::start();
+    let address = emulator.endpoint.trim_start_matches("http://").to_string();
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "reborn", 1).await;
+    put_many(&kinesis, "reborn", &batch(0, 30)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let service = Service::start_in(dir.path(), &setup("reborn"), &emulator).await;
+    wait_stored(&service, 30).await;
+
+    // The endpoint goes away and comes back empty; the stream is created
+    // again. Its sequence numbers may well be above the old checkpoint, so
+    // only the creation time tells it is another stream.
+    drop(emulator);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let emulator = Emulator::start_at(&address, |_| {});
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "reborn", 1).await;
+    put_many(&kinesis, "reborn", &batch(30, 50)).await;
+    wait_for("the new stream told apart", Duration::from_secs(60), || {
+        let log = service.log();
+        async move { log.contains("deleted and created again").then_some(()) }
+    })
+    .await;
+    wait_stored(&service, 50).await;
+    // Read afresh: what came before the restart is read again, at least
+    // once, never skipped.
+    put_many(&kinesis, "reborn", &batch(50, 60)).await;
+    wait_stored(&service, 60).await;
+}

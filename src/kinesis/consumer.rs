@@ -101,6 +101,9 @@ pub struct ShardConsumer {
     /// Set until the first read after a stored checkpoint: whether that
     /// checkpoint is older than the stream's retention.
     gap_check: Option<GapCheck>,
+    /// The stream was created again: the shard starts afresh once no call
+    /// is under way and its records in flight are done.
+    restart_pending: bool,
 }
 
 /// Where a consumer starts.
@@ -185,11 +188,6 @@ impl ShardConsumer {
             Arc::from(integration.config.stream_name.as_str()),
             Arc::from(shard_id.as_str()),
         );
-        // Shards start their calls at different points of the call
-        // interval, so that their fetches (and the shared budget they take)
-        // spread over it instead of arriving together.
-        let interval = integration.reader.call_interval().as_micros() as u64;
-        let phase = Duration::from_micros(rand::rng().random_range(0..=interval));
         ShardConsumer {
             integration,
             shard_id,
@@ -200,7 +198,7 @@ impl ShardConsumer {
             last_fetched: None,
             window: Window::new(),
             sink: None,
-            next_call_at: Instant::now() + phase,
+            next_call_at: Instant::now(),
             idle_wait: Duration::ZERO,
             backoff: Duration::ZERO,
             batches_sent: 0,
@@ -215,6 +213,7 @@ impl ShardConsumer {
             skip_through,
             hash_range: from.hash_range,
             gap_check,
+            restart_pending: false,
         }
     }
 
@@ -273,6 +272,9 @@ impl ShardConsumer {
         if self.phase == Phase::Stopped {
             return;
         }
+        if self.restart_pending {
+            return self.restart_when_drained(ctx);
+        }
         match result {
             Ok(Some(iterator)) => {
                 self.iterator = Some(iterator);
@@ -326,6 +328,7 @@ impl ShardConsumer {
                     ShardState::Retrying,
                     Some(format!("stream created again: {code}: {message}")),
                 );
+                self.restart_pending = true;
                 self.restart_when_drained(ctx);
             }
             Err((code, message)) => {
@@ -348,6 +351,7 @@ impl ShardConsumer {
         if self.phase == Phase::Stopped {
             return;
         }
+        // No call is under way here: it was answered, or none was made.
         self.phase = Phase::Positioning;
         if !self.window.is_empty() || !self.converted.is_empty() {
             ctx.run_later(Duration::from_millis(100), |consumer, ctx| {
@@ -361,6 +365,7 @@ impl ShardConsumer {
         self.skip_through = None;
         self.gap_check = None;
         self.written_checkpoint = None;
+        self.restart_pending = false;
         self.start = Position::Initial(crate::config::InitialPosition::TrimHorizon);
         self.position(ctx);
     }
@@ -391,7 +396,7 @@ impl ShardConsumer {
     }
 
     fn poll(&mut self, ctx: &mut Context<Self>) {
-        if self.phase != Phase::Idle && self.phase != Phase::Blocked {
+        if self.phase != Phase::Idle && self.phase != Phase::Blocked || self.restart_pending {
             return;
         }
         if self.window_full() {
@@ -450,6 +455,9 @@ impl ShardConsumer {
         if self.phase != Phase::Waiting {
             return;
         }
+        if self.restart_pending {
+            return self.restart_when_drained(ctx);
+        }
         match result {
             Ok(()) => {
                 self.records_ready = true;
@@ -478,10 +486,13 @@ impl ShardConsumer {
         if reserved > used {
             self.integration.budget.unreserve(reserved - used);
         }
-        if self.phase == Phase::Stopped {
+        if self.phase == Phase::Stopped || self.restart_pending {
             if used > 0 {
                 // Dropped unread: their reservations go back too.
                 self.integration.budget.unreserve(used);
+            }
+            if self.restart_pending {
+                self.restart_when_drained(ctx);
             }
             return;
         }
@@ -1072,6 +1083,36 @@ impl ShardConsumer {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Drain;
+
+/// The stream was deleted and created again under the same name: the
+/// shard is read afresh from TRIM_HORIZON once its records in flight are
+/// done (its old position means nothing in the new stream).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StreamRecreated;
+
+impl Handler<StreamRecreated> for ShardConsumer {
+    type Result = ();
+
+    fn handle(&mut self, _: StreamRecreated, ctx: &mut Context<Self>) {
+        if matches!(self.phase, Phase::Stopped | Phase::Ended) || self.restart_pending {
+            return;
+        }
+        tracing::warn!(
+            integration = %self.name(), stream = %self.stream(), shard = %self.shard_id,
+            "the stream was deleted and created again; the shard is read afresh from TRIM_HORIZON once its records in flight are done"
+        );
+        self.set_state(ShardState::Retrying, Some("stream created again".into()));
+        self.restart_pending = true;
+        // With a call under way, its answer continues the restart.
+        if !matches!(
+            self.phase,
+            Phase::Fetching | Phase::Waiting | Phase::Positioning
+        ) {
+            self.restart_when_drained(ctx);
+        }
+    }
+}
 
 impl Handler<Drain> for ShardConsumer {
     type Result = ResponseFuture<()>;

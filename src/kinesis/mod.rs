@@ -138,7 +138,7 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
         let interval = Duration::from_millis(integration.pipeline.shard_sync_interval_ms);
         // After a failed listing the next one waits longer, up to a minute.
         let mut wait = interval;
-        // The stream was not found at the last listing.
+        // The last listing failed.
         let mut vanished = false;
         loop {
             supervisor.start_ready(&shards).await;
@@ -162,7 +162,10 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
                     }
                 }
                 Err((code, message)) => {
-                    vanished |= code == "ResourceNotFoundException";
+                    // Whatever kept the stream from being listed (deleted,
+                    // or an endpoint restarted without it), it may come
+                    // back as a new stream under the same name.
+                    vanished = true;
                     wait = (wait * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
                     tracing::warn!(
                         integration = %integration.config.name, stream = %integration.config.stream_name,
@@ -187,14 +190,17 @@ struct ShardSupervisor {
 }
 
 impl ShardSupervisor {
-    /// The stream is found again after it was not: if it is a new stream
-    /// under the same name, its checkpoints are dropped (by the identity
-    /// check), running consumers start their shards afresh by themselves
-    /// (their shard refuses their last sequence number), and shards that
-    /// had finished are started again when the new stream lists them.
+    /// The stream is listed again after a failed listing: if it is a new
+    /// stream under the same name, its checkpoints are dropped (by the
+    /// identity check), running consumers start their shards afresh from
+    /// TRIM_HORIZON, and shards that had finished are started again when
+    /// the new stream lists them.
     async fn stream_back(&mut self) {
         if let StreamIdentity::Recreated = check_stream_identity(&self.integration).await {
             self.initial = InitialPosition::TrimHorizon;
+            for consumer in self.running.values() {
+                consumer.do_send(consumer::StreamRecreated);
+            }
             let running = &self.running;
             self.started
                 .retain(|id| running.get(id).is_some_and(Addr::connected));

@@ -35,6 +35,16 @@ impl Emulator {
     pub fn start_with(
         change: impl FnOnce(&mut ferrokinesis::store::StoreOptions) + Send + 'static,
     ) -> Emulator {
+        Emulator::start_at("127.0.0.1:0", change)
+    }
+
+    /// A new, empty emulator at `address` (an emulator restarted on the
+    /// port of one that was stopped).
+    pub fn start_at(
+        address: &str,
+        change: impl FnOnce(&mut ferrokinesis::store::StoreOptions) + Send + 'static,
+    ) -> Emulator {
+        let address = address.to_string();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -53,7 +63,7 @@ impl Emulator {
                 };
                 change(&mut options);
                 let (app, _store) = ferrokinesis::create_app(options);
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let listener = tokio::net::TcpListener::bind(&address).await.unwrap();
                 ready_tx.send(listener.local_addr().unwrap()).unwrap();
                 ferrokinesis::serve_plain_http(listener, app, async {
                     let _ = stopped.await;
