@@ -40,6 +40,10 @@ pub enum JsError {
     OutOfMemory(usize),
     #[error("script result is not JSON-serialisable: {0}")]
     Result(String),
+    /// Not run: the script was stopped at its limits this many times in a
+    /// row, and its calls fail at once for a while.
+    #[error("script not run: it was stopped at its time or memory limit {0} times in a row; it is tried again every few seconds")]
+    Stopped(u32),
 }
 
 /// An argument passed to a script function.

@@ -12,7 +12,7 @@ pub mod js;
 pub mod uplink;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -55,7 +55,18 @@ pub struct Script {
     /// Where the script came from (a file, or a chain node), for errors.
     pub origin: String,
     pub body: String,
+    /// Calls that ran past their time or memory limit in a row (on any
+    /// worker), and when the last of them tripped the breaker.
+    stopped_calls: AtomicU32,
+    tripped_ms: AtomicI64,
 }
+
+/// Calls in a row past their time or memory limit that stop a script:
+/// each such call holds a worker for the whole time limit, so a hung
+/// script would otherwise hold every worker for every record it gets.
+const BREAKER_CALLS: u32 = 3;
+/// While stopped, one call in this time tries the script again.
+const BREAKER_PAUSE_MS: i64 = 10_000;
 
 static NEXT_SCRIPT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -86,7 +97,49 @@ impl Script {
             kind,
             origin: origin.into(),
             body: body.into(),
+            stopped_calls: AtomicU32::new(0),
+            tripped_ms: AtomicI64::new(0),
         })
+    }
+
+    /// Whether calls fail at once: the script was stopped at its limits
+    /// `BREAKER_CALLS` times in a row, and the pause before it is tried
+    /// again has not passed. The one call let through after the pause
+    /// closes the breaker if it ends in time, or opens it again.
+    fn breaker_open(&self) -> bool {
+        if self.stopped_calls.load(Ordering::Acquire) < BREAKER_CALLS {
+            return false;
+        }
+        let now = crate::msg::now_millis();
+        let tripped = self.tripped_ms.load(Ordering::Acquire);
+        if now - tripped < BREAKER_PAUSE_MS {
+            return true;
+        }
+        // Let exactly one caller try it again.
+        self.tripped_ms
+            .compare_exchange(tripped, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    }
+
+    /// Counts a call's outcome for the breaker.
+    fn record_call<T>(&self, result: &Result<T, JsError>) {
+        match result {
+            Err(JsError::Timeout(_) | JsError::OutOfMemory(_)) => {
+                let stopped = self.stopped_calls.fetch_add(1, Ordering::AcqRel) + 1;
+                if stopped >= BREAKER_CALLS {
+                    self.tripped_ms
+                        .store(crate::msg::now_millis(), Ordering::Release);
+                    if stopped == BREAKER_CALLS {
+                        tracing::error!(
+                            script = %self.origin, calls = stopped,
+                            "the script was stopped at its time or memory limit {stopped} times in a row: its calls now fail at once (records become dead letters, to replay once it is fixed); it is tried again every {} s",
+                            BREAKER_PAUSE_MS / 1000
+                        );
+                    }
+                }
+            }
+            _ => self.stopped_calls.store(0, Ordering::Release),
+        }
     }
 }
 
@@ -229,6 +282,17 @@ impl ConverterWorker {
         })
     }
 
+    /// Calls a compiled script through its breaker.
+    fn call(&mut self, script: &Script, args: &[JsArg]) -> Result<serde_json::Value, JsError> {
+        if script.breaker_open() {
+            return Err(JsError::Stopped(BREAKER_CALLS));
+        }
+        let key = self.ensure_compiled(script)?;
+        let result = self.runtime.call(&key, args);
+        script.record_call(&result);
+        result
+    }
+
     fn ensure_compiled(&mut self, script: &Script) -> Result<String, JsError> {
         self.forget_retired();
         let key = script.id.to_string();
@@ -263,9 +327,8 @@ impl Handler<Decode> for ConverterWorker {
             .records
             .iter()
             .map(|record| {
-                let key = self.ensure_compiled(&batch.script)?;
-                let output = self.runtime.call(
-                    &key,
+                let output = self.call(
+                    &batch.script,
                     &[
                         JsArg::Bytes(&record.record.payload),
                         JsArg::RecordMetadata(&record.record),
@@ -355,10 +418,9 @@ impl Handler<Encode> for ConverterWorker {
 
     fn handle(&mut self, job: Encode, _: &mut SyncContext<Self>) -> Self::Result {
         let result = (|| {
-            let key = self.ensure_compiled(&job.script)?;
             let data = script_data(&job.data);
-            let output = self.runtime.call(
-                &key,
+            let output = self.call(
+                &job.script,
                 &[
                     JsArg::Json(&data),
                     JsArg::StringMap(&job.metadata),
@@ -377,10 +439,9 @@ impl Handler<RunScript> for ConverterWorker {
 
     fn handle(&mut self, job: RunScript, _: &mut SyncContext<Self>) -> Self::Result {
         let result = (|| {
-            let key = self.ensure_compiled(&job.script)?;
             let data = script_data(&job.data);
-            Ok(self.runtime.call(
-                &key,
+            Ok(self.call(
+                &job.script,
                 &[
                     JsArg::Json(&data),
                     JsArg::StringMap(&job.metadata),
@@ -389,5 +450,60 @@ impl Handler<RunScript> for ConverterWorker {
             )?)
         })();
         MessageResult(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_script_that_keeps_hanging_fails_at_once_after_three_stopped_calls() {
+        actix::System::new().block_on(async {
+            let pool = ConverterWorker::start_pool(
+                1,
+                JsLimits {
+                    call_timeout: Duration::from_millis(100),
+                    memory_limit_bytes: 16 << 20,
+                    max_result_bytes: 1 << 20,
+                },
+            );
+            let hang = Script::new(ScriptKind::Decoder, "hang.js", "while (true) {}");
+            let record = Arc::new(SourceRecord::default());
+            let batch = Decode {
+                script: hang.clone(),
+                records: (0..20)
+                    .map(|_| DecodeInput {
+                        record: record.clone(),
+                    })
+                    .collect(),
+            };
+            let started = Instant::now();
+            let results = pool.send(batch).await.unwrap();
+            let errors: Vec<String> = results
+                .iter()
+                .map(|r| r.as_ref().unwrap_err().to_string())
+                .collect();
+            let timed_out = errors.iter().filter(|e| e.contains("ran longer")).count();
+            let stopped = errors.iter().filter(|e| e.contains("not run")).count();
+            assert_eq!((timed_out, stopped), (3, 17), "{errors:?}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+
+            // Another script (a fixed version) is not held back.
+            let fixed = Script::new(
+                ScriptKind::Decoder,
+                "fixed.js",
+                "return {deviceName: 'd', telemetry: {t: 1}};",
+            );
+            let results = pool
+                .send(Decode {
+                    script: fixed,
+                    records: vec![DecodeInput { record }],
+                })
+                .await
+                .unwrap();
+            assert!(results[0].is_ok(), "{:?}", results[0]);
+        });
     }
 }
