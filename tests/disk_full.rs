@@ -124,6 +124,25 @@ async fn a_full_disk_stops_consumption_and_loses_nothing() {
         .unwrap();
     assert!((stored_while_full as usize) < RECORDS);
 
+    // An attribute save while the store is known to fail is refused and
+    // says that nothing was saved.
+    let device = service.wait_device("dev-0").await;
+    let id = device["id"]["id"].as_str().unwrap().to_string();
+    let (status, body) = service
+        .post(
+            &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+            r#"{"during_full": 1}"#,
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was saved"),
+        "{body}"
+    );
+
     // Room again: everything is stored, once.
     disk.resize("256m");
     wait_for(

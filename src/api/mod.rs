@@ -105,11 +105,24 @@ impl ApiError {
         }
     }
 
+    /// The store failed while the change waited for its commit: it stays
+    /// queued and is applied when the store recovers.
     fn unavailable() -> ApiError {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the store is not writable right now (see the service log); the save may \
-                      be applied once it recovers"
+            message: "the store is not writable right now (see the service log); the change \
+                      is queued and will be applied once it recovers"
+                .into(),
+            code: 2,
+        }
+    }
+
+    /// The store was already failing: the change was not taken.
+    fn not_writable() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the store is not writable right now (see the service log and /ready); \
+                      nothing was saved: send the change again once it recovers"
                 .into(),
             code: 2,
         }
@@ -839,7 +852,7 @@ async fn commit_with_message(
     message: TbMsg,
 ) -> ApiResult<StatusCode> {
     if !state.store.is_writable() {
-        return Err(ApiError::unavailable());
+        return Err(ApiError::not_writable());
     }
     let writes = vec![write, crate::outbox::entry(&message)];
     // The write stays queued if the store fails meanwhile, and is
