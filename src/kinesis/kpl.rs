@@ -53,6 +53,8 @@ pub enum KplError {
     BadDigest,
     #[error("bad protobuf: {0}")]
     BadMessage(&'static str),
+    #[error("the aggregate holds no user records")]
+    Empty,
     #[error("user record {record}: {what} index {index} is outside its table of {len}")]
     BadIndex {
         record: usize,
@@ -100,6 +102,10 @@ fn parse(data: &Bytes) -> Result<Vec<UserRecord>, KplError> {
         }
     }
 
+    if records.is_empty() {
+        // Nothing to hand on: kept as a plain record rather than dropped.
+        return Err(KplError::Empty);
+    }
     records
         .into_iter()
         .enumerate()
@@ -350,6 +356,11 @@ mod tests {
             deaggregate(&Bytes::from_static(&MAGIC)),
             Some(Err(KplError::TooShort(4)))
         ));
+        assert_eq!(
+            deaggregate(&aggregate(&["a"], &[], &[])),
+            Some(Err(KplError::Empty)),
+            "an aggregate without user records is not one"
+        );
         // Every truncation of a valid body, re-digested, is rejected or
         // parsed, never a panic.
         let body = &good[4..good.len() - 16];
