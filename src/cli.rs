@@ -224,8 +224,13 @@ fn bench(options: crate::bench::BenchOptions) -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: a log file or a journal
+    // gets plain text (and NO_COLOR turns them off everywhere).
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -286,6 +291,7 @@ fn check(path: PathBuf) -> ExitCode {
                     converters: Vec::new(),
                 };
                 if let Err(problems) = crate::chain::set::load(&set, None) {
+                    println!("{} problem(s) in the rule chains:", problems.len());
                     for problem in problems {
                         println!("  - {problem}");
                     }

@@ -544,9 +544,14 @@ fn substitute_value(
                 let name = &rest[start + 2..start + end];
                 match lookup(name) {
                     Some(found) => out.push_str(&found),
-                    None => problems.push(format!(
-                        "`{path}` uses the environment variable {name}, which is not set"
-                    )),
+                    None => {
+                        problems.push(format!(
+                            "`{path}` uses the environment variable {name}, which is not set"
+                        ));
+                        // Kept as written, so that checks of the value
+                        // (not empty...) do not add a second, wrong problem.
+                        out.push_str(&rest[start..start + end + 1]);
+                    }
                 }
                 rest = &rest[start + end + 1..];
             }
@@ -560,6 +565,20 @@ fn substitute_value(
             }
         }
         _ => {}
+    }
+}
+
+/// A URL with any `user:password@` replaced by `***@`, to show it in logs
+/// and errors.
+pub fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let separator = if scheme.is_empty() { "" } else { "://" };
+            format!("{scheme}{separator}***{}", &rest[at..])
+        }
+        None => url.to_string(),
     }
 }
 
@@ -812,7 +831,8 @@ fn integration(
         if let Some(url) = url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 problems.push(format!(
-                    "{label}: {key} = {url:?} must start with http:// or https://"
+                    "{label}: {key} = {:?} must start with http:// or https://",
+                    without_userinfo(url)
                 ));
             }
         }
@@ -1027,6 +1047,39 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert!(
             problems[0].contains("SF_TEST_MISSING") && problems[0].contains("secret_access_key")
+        );
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        assert_eq!(
+            without_userinfo("ftp://user:SECRET@host:1/p?q=a@b"),
+            "ftp://***@host:1/p?q=a@b"
+        );
+        assert_eq!(
+            without_userinfo("http://127.0.0.1:4567"),
+            "http://127.0.0.1:4567"
+        );
+        assert_eq!(without_userinfo("u:SECRET@host"), "***@host");
+    }
+
+    #[test]
+    fn an_unset_variable_is_the_only_problem_of_its_value() {
+        let problems = Config::parse(
+            "[http]\npassword = \"${SF_TEST_SURELY_UNSET_1}\"\n[[integration]]\nname = \"i\"\n\
+             stream_name = \"${SF_TEST_SURELY_UNSET_2}\"\nuplink_converter = \"u.js\"\n\
+             access_key_id = \"a\"\nsecret_access_key = \"s\"",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(
+            problems.iter().all(|p| !p.contains("must not be empty")),
+            "{problems:?}"
+        );
+        assert_eq!(
+            problems.iter().filter(|p| p.contains("is not set")).count(),
+            2,
+            "{problems:?}"
         );
     }
 

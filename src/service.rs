@@ -407,7 +407,10 @@ fn log_integration(integration: &IntegrationConfig) {
         stream = %integration.stream_name,
         region = %integration.region,
         application = %integration.application_name,
-        endpoint = integration.endpoint_url.as_deref().unwrap_or("AWS"),
+        endpoint = %integration
+            .endpoint_url
+            .as_deref()
+            .map_or_else(|| "AWS".to_string(), crate::config::without_userinfo),
         initial_position = ?integration.initial_position,
         "integration configured"
     );

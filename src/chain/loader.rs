@@ -561,6 +561,18 @@ mod tests {
     }
 
     #[test]
+    fn a_configuration_that_is_not_an_object_is_refused() {
+        let save = r#"{"type": "org.thingsboard.rule.engine.telemetry.TbMsgTimeseriesNode", "name": "save", "configuration": "x"}"#;
+        let err = parse(&chain(save, ""), Path::new("t.json"), UnknownNodes::Reject).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("save")
+                && text.contains("configuration must be a JSON object, got a string"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn unknown_nodes_may_be_let_through_to_failure() {
         let unknown = r#"{"type": "org.thingsboard.rule.engine.Nope", "name": "mystery"}"#;
         let text = chain(

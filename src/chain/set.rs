@@ -182,6 +182,37 @@ pub fn chain_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
+/// Entries of the chain directory named like chain files that are not
+/// regular files (a dangling or looping link, a directory, a device): not
+/// read, but reported, so they are not left out unnoticed.
+fn odd_chain_entries(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut problems: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        })
+        .filter_map(|p| match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => None,
+            Ok(_) => Some(format!(
+                "{}: not a regular file (a directory or device); not loaded",
+                p.display()
+            )),
+            Err(e) => Some(format!("{}: cannot be read ({e}); not loaded", p.display())),
+        })
+        .collect();
+    problems.sort();
+    problems
+}
+
+/// Largest chain file read.
+const MAX_CHAIN_FILE_BYTES: u64 = 16 << 20;
+
 /// Loads and validates a set. `previous` lends its parsed chains and
 /// compiled converters where the files did not change, so they are not
 /// checked again. Returns every problem, one line each.
@@ -192,6 +223,7 @@ pub fn load(config: &SetConfig, previous: Option<&RuleSet>) -> Result<SetSource,
         problems.push(e);
         Vec::new()
     });
+    problems.extend(odd_chain_entries(&dir));
     if !files.iter().any(|f| same_file(f, &config.root_chain)) {
         files.push(config.root_chain.clone());
     }
@@ -284,6 +316,17 @@ fn load_chain(
     unknown: UnknownNodes,
     previous: Option<&RuleSet>,
 ) -> Result<Loaded, loader::ChainError> {
+    let size = std::fs::metadata(file)
+        .map_err(|e| loader::ChainError::single(file, format!("cannot read the file: {e}")))?
+        .len();
+    if size > MAX_CHAIN_FILE_BYTES {
+        return Err(loader::ChainError::single(
+            file,
+            format!(
+                "the file has {size} bytes, more than a rule chain may ({MAX_CHAIN_FILE_BYTES})"
+            ),
+        ));
+    }
     let text = std::fs::read_to_string(file)
         .map_err(|e| loader::ChainError::single(file, format!("cannot read the file: {e}")))?;
     let hash = loader::content_hash(&text);
@@ -573,6 +616,28 @@ mod tests {
         let source = load(&config(dir.path()), None).unwrap();
         assert_eq!(source.chains.len(), 2);
         assert_eq!(source.chains[source.root].name, "Root");
+    }
+
+    #[test]
+    fn links_that_lead_nowhere_and_devices_are_reported_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "root.json", &caller("helper", "Done"));
+        write(dir.path(), "helper.json", OUTPUT_CHAIN);
+        let link = |target: &str, name: &str| {
+            std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
+        };
+        link("/nonexistent/chain.json", "dangling.json");
+        link(dir.path().join("loop.json").to_str().unwrap(), "loop.json");
+        link("/dev/zero", "zero.json");
+        let Err(problems) = load(&config(dir.path()), None) else {
+            panic!("a set with odd chain entries loaded");
+        };
+        let all = problems.join("\n");
+        assert_eq!(problems.len(), 3, "{all}");
+        for name in ["dangling.json", "loop.json", "zero.json"] {
+            assert!(all.contains(name), "{name}: {all}");
+        }
+        assert!(all.contains("not a regular file"), "{all}");
     }
 
     #[test]

@@ -183,6 +183,12 @@ impl NodeKind {
         origin: &str,
     ) -> Result<NodeKind, ConfigError> {
         let short = type_name.strip_prefix(PREFIX).unwrap_or(type_name);
+        if !(config.is_object() || config.is_null()) {
+            return Err(ConfigError::Bad(format!(
+                "configuration must be a JSON object, got {}",
+                json_kind(config)
+            )));
+        }
         let kind = match short {
             "filter.TbMsgTypeSwitchNode" => NodeKind::MsgTypeSwitch,
             "filter.TbOriginatorTypeSwitchNode" => NodeKind::OriginatorTypeSwitch,
@@ -465,5 +471,17 @@ impl KeySelection {
 
     pub fn matches(&self, key: &str) -> bool {
         self.keys.iter().any(|k| k.is_match(key))
+    }
+}
+
+/// The kind of a JSON value, for errors.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
