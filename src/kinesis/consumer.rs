@@ -188,6 +188,11 @@ impl ShardConsumer {
             Arc::from(integration.config.stream_name.as_str()),
             Arc::from(shard_id.as_str()),
         );
+        // Shards start their calls at different points of the call
+        // interval, so that their fetches (and the shared budget they take)
+        // spread over it instead of arriving together.
+        let interval = integration.reader.call_interval().as_micros() as u64;
+        let phase = Duration::from_micros(rand::rng().random_range(0..=interval));
         ShardConsumer {
             integration,
             shard_id,
@@ -198,7 +203,7 @@ impl ShardConsumer {
             last_fetched: None,
             window: Window::new(),
             sink: None,
-            next_call_at: Instant::now(),
+            next_call_at: Instant::now() + phase,
             idle_wait: Duration::ZERO,
             backoff: Duration::ZERO,
             batches_sent: 0,
