@@ -117,7 +117,7 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            max_in_flight_records: 4_000,
+            max_in_flight_records: 5_000,
             max_in_flight_bytes: 8 * 1024 * 1024,
             max_in_flight_records_total: 10_000,
             max_in_flight_bytes_total: 64 * 1024 * 1024,

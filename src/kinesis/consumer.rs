@@ -116,6 +116,8 @@ pub struct Start {
     pub hash_range: Option<(u128, u128)>,
     /// The stream's retention period, when known.
     pub retention_ms: Option<i64>,
+    /// Where in the call interval (0 to 1) the shard makes its calls.
+    pub phase: f64,
 }
 
 /// A stored checkpoint to compare with the stream's retention.
@@ -188,11 +190,13 @@ impl ShardConsumer {
             Arc::from(integration.config.stream_name.as_str()),
             Arc::from(shard_id.as_str()),
         );
-        // Shards start their calls at different points of the call
+        // Shards make their calls at different points of the call
         // interval, so that their fetches (and the shared budget they take)
         // spread over it instead of arriving together.
-        let interval = integration.reader.call_interval().as_micros() as u64;
-        let phase = Duration::from_micros(rand::rng().random_range(0..=interval));
+        let phase = integration
+            .reader
+            .call_interval()
+            .mul_f64(from.phase.clamp(0.0, 1.0));
         ShardConsumer {
             integration,
             shard_id,

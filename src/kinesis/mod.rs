@@ -256,11 +256,15 @@ impl ShardSupervisor {
             } else {
                 self.latest_resolved(&shard.id, checkpoint.as_ref()).await
             };
+            // Spread evenly over the call interval whatever the number of
+            // shards: the fractional parts of multiples of the golden ratio.
+            let phase = (self.started.len() as f64 * 0.618_033_988_75).fract();
             let start = Start {
                 checkpoint: checkpoint.filter(|c| c.sequence_number.is_some()),
                 initial,
                 hash_range: shard.hash_range,
                 retention_ms: self.retention_ms,
+                phase,
             };
             self.spawn(shard.id.clone(), start);
         }
