@@ -166,37 +166,36 @@ fn aliases(chains: &[ChainDef]) -> HashMap<String, usize> {
 
 /// The chain files of a directory: `*.json`, not hidden, sorted.
 pub fn chain_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files: Vec<PathBuf> = named_like_chains(dir)?
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The entries of a directory named like chain files: `*.json`, not hidden.
+fn named_like_chains(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| format!("rule chain directory {}: cannot read: {e}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
+    Ok(entries
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
             p.extension().is_some_and(|x| x == "json")
                 && p.file_name()
                     .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
-                && p.is_file()
         })
-        .collect();
-    files.sort();
-    Ok(files)
+        .collect())
 }
 
 /// Entries of the chain directory named like chain files that are not
 /// regular files (a dangling or looping link, a directory, a device): not
 /// read, but reported, so they are not left out unnoticed.
 fn odd_chain_entries(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut problems: Vec<String> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "json")
-                && p.file_name()
-                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
-        })
+    let mut problems: Vec<String> = named_like_chains(dir)
+        .unwrap_or_default()
+        .into_iter()
         .filter_map(|p| match std::fs::metadata(&p) {
             Ok(m) if m.is_file() => None,
             Ok(_) => Some(format!(

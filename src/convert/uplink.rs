@@ -77,7 +77,7 @@ pub fn parse(output: Value) -> Result<Vec<Uplink>, UplinkError> {
             "",
             format!(
                 "expected an object or an array of objects, got {}",
-                kind(&other)
+                json_kind(&other)
             ),
         )),
     }
@@ -87,7 +87,7 @@ fn parse_item(item: Value, path: &str) -> Result<Uplink, UplinkError> {
     let Value::Object(mut object) = item else {
         return Err(error(
             path,
-            format!("expected an object, got {}", kind(&item)),
+            format!("expected an object, got {}", json_kind(&item)),
         ));
     };
     let (entity_type, name, type_key) = match (
@@ -119,7 +119,7 @@ fn parse_item(item: Value, path: &str) -> Result<Uplink, UplinkError> {
         Some(other) => {
             return Err(error(
                 format!("{path}.attributes"),
-                format!("expected an object, got {}", kind(&other)),
+                format!("expected an object, got {}", json_kind(&other)),
             ))
         }
     };
@@ -155,7 +155,7 @@ fn parse_ts_entry(
     let Value::Object(mut object) = value else {
         return Err(error(
             path,
-            format!("expected an object, got {}", kind(&value)),
+            format!("expected an object, got {}", json_kind(&value)),
         ));
     };
     if object.contains_key("ts") && object.contains_key("values") {
@@ -173,7 +173,7 @@ fn parse_ts_entry(
                 format!("{path}.values"),
                 format!(
                     "expected an object, got {}",
-                    kind(&other.unwrap_or(Value::Null))
+                    json_kind(&other.unwrap_or(Value::Null))
                 ),
             )),
         };
@@ -203,7 +203,8 @@ fn take_string(object: &mut Map<String, Value>, key: &str) -> Option<String> {
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+/// The kind of a JSON value, for errors.
+pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

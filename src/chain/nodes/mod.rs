@@ -186,7 +186,7 @@ impl NodeKind {
         if !(config.is_object() || config.is_null()) {
             return Err(ConfigError::Bad(format!(
                 "configuration must be a JSON object, got {}",
-                json_kind(config)
+                crate::convert::uplink::json_kind(config)
             )));
         }
         let kind = match short {
@@ -471,17 +471,5 @@ impl KeySelection {
 
     pub fn matches(&self, key: &str) -> bool {
         self.keys.iter().any(|k| k.is_match(key))
-    }
-}
-
-/// The kind of a JSON value, for errors.
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
