@@ -22,6 +22,7 @@ pub mod dead_letters;
 pub mod delivery;
 pub mod ingest;
 pub mod kinesis;
+pub mod log_budget;
 pub mod msg;
 pub mod outbox;
 pub mod replay;

@@ -189,6 +189,8 @@ pub struct NodeActor {
     routes: Vec<(String, Addr<NodeActor>)>,
     /// A timed action (generator) is still running.
     ticking: bool,
+    /// Bounds the ERROR lines of messages kept as dead letters.
+    failure_log: crate::log_budget::LogBudget,
 }
 
 impl Actor for NodeActor {
@@ -297,7 +299,7 @@ impl NodeActor {
         }
     }
 
-    fn route(&self, outputs: Vec<(String, Envelope)>) {
+    fn route(&mut self, outputs: Vec<(String, Envelope)>) {
         for (relation, env) in outputs {
             self.observe(&relation, &env);
             let targets: Vec<&Addr<NodeActor>> = self
@@ -341,7 +343,7 @@ impl NodeActor {
 
     /// Keeps a failed message in the dead-letter table; its ticket is held
     /// until the row is committed.
-    fn dead_letter(&self, env: Envelope) {
+    fn dead_letter(&mut self, env: Envelope) {
         let error = env
             .msg
             .metadata
@@ -349,17 +351,26 @@ impl NodeActor {
             .cloned()
             .unwrap_or_else(|| "routed to Failure".into());
         let source = env.ticket.source();
-        tracing::error!(
-            chain = %self.info.chain,
-            node = %self.info.label,
-            integration = %source.integration,
-            stream = %source.stream,
-            shard = %source.shard,
-            sequence_number = %source.sequence_number,
-            msg_type = %env.msg.msg_type,
-            error = %error,
-            "message failed with no Failure connection; kept as a dead letter"
-        );
+        let info = &self.info;
+        let log = self.failure_log.allow(std::time::Instant::now(), |held_back| {
+            tracing::error!(
+                chain = %info.chain, node = %info.label, messages = held_back,
+                "more messages failed with no Failure connection and were kept as dead letters, not logged one by one (see shardflow dlq list)"
+            );
+        });
+        if log {
+            tracing::error!(
+                chain = %self.info.chain,
+                node = %self.info.label,
+                integration = %source.integration,
+                stream = %source.stream,
+                shard = %source.shard,
+                sequence_number = %source.sequence_number,
+                msg_type = %env.msg.msg_type,
+                error = %error,
+                "message failed with no Failure connection; kept as a dead letter"
+            );
+        }
         let write = Write::dead_letter(
             source,
             error,
@@ -424,6 +435,7 @@ impl RuleEngine {
                 retired: retired.clone(),
                 routes,
                 ticking: false,
+                failure_log: Default::default(),
             };
             let arbiter = &arbiters[n % arbiters.len()];
             addrs.insert(index, NodeActor::start_in_arbiter(arbiter, move |_| actor));

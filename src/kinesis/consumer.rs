@@ -104,6 +104,8 @@ pub struct ShardConsumer {
     /// The stream was created again: the shard starts afresh once no call
     /// is under way and its records in flight are done.
     restart_pending: bool,
+    /// Bounds the ERROR lines of failed records.
+    failure_log: std::cell::RefCell<crate::log_budget::LogBudget>,
 }
 
 /// Where a consumer starts.
@@ -223,6 +225,7 @@ impl ShardConsumer {
             hash_range: from.hash_range,
             gap_check,
             restart_pending: false,
+            failure_log: Default::default(),
         }
     }
 
@@ -844,11 +847,20 @@ impl ShardConsumer {
     }
 
     fn dead_letter(&self, source: &SourceRecord, ticket: Ticket, error: String) {
-        tracing::error!(
-            integration = %source.integration, stream = %source.stream, shard = %source.shard,
-            sequence_number = %source.sequence_number, partition_key = %source.partition_key,
-            error = %error, "record not processed; kept as a dead letter"
-        );
+        let log = self.failure_log.borrow_mut().allow(Instant::now(), |held_back| {
+            tracing::error!(
+                integration = %source.integration, stream = %source.stream, shard = %source.shard,
+                records = held_back,
+                "more records not processed and kept as dead letters, not logged one by one (see shardflow dlq list)"
+            );
+        });
+        if log {
+            tracing::error!(
+                integration = %source.integration, stream = %source.stream, shard = %source.shard,
+                sequence_number = %source.sequence_number, partition_key = %source.partition_key,
+                error = %error, "record not processed; kept as a dead letter"
+            );
+        }
         self.integration
             .status
             .update(self.name(), &self.shard_id, |s| s.records_failed += 1);
