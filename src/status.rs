@@ -242,6 +242,14 @@ impl StatusBoard {
         status.rate.observe(status.records_read, Instant::now());
     }
 
+    /// Forgets a shard (its consumer was stopped for good).
+    pub fn remove(&self, integration: &str, shard: &str) {
+        self.shards
+            .lock()
+            .expect("status lock")
+            .remove(&(integration.to_string(), shard.to_string()));
+    }
+
     /// Integrations whose shards are not listed yet, with why.
     pub fn pending(&self) -> BTreeMap<String, String> {
         self.integrations_pending

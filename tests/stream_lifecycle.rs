@@ -185,3 +185,52 @@ async fn a_restarted_endpoint_with_the_stream_created_anew_is_read_from_its_star
     put_many(&kinesis, "reborn", &batch(50, 60)).await;
     wait_stored(&service, 60).await;
 }
+
+async fn recreate(kinesis: &aws_sdk_kinesis::Client, stream: &str, shards: i32) {
+    kinesis
+        .delete_stream()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap();
+    wait_for("stream deleted", Duration::from_secs(30), || async {
+        kinesis
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Creation times may have whole-second resolution.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    create_stream(kinesis, stream, shards).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_again_quickly_at_latest_loses_nothing_and_drops_gone_shards() {
+    let emulator = Emulator::start();
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "quick", 2).await;
+    let mut setup = setup("quick");
+    setup.initial_position = "LATEST";
+    let dir = tempfile::tempdir().unwrap();
+    let service = Service::start_in(dir.path(), &setup, &emulator).await;
+
+    // Gone and back between two listings, with more shards: every record
+    // put into the new stream is read, also on the shard that is new.
+    recreate(&kinesis, "quick", 3).await;
+    put_many(&kinesis, "quick", &batch(0, 60)).await;
+    wait_stored(&service, 60).await;
+
+    // Back with fewer shards: the consumers of shards it lacks stop, and
+    // the service is ready again.
+    recreate(&kinesis, "quick", 1).await;
+    put_many(&kinesis, "quick", &batch(60, 80)).await;
+    wait_stored(&service, 80).await;
+    service.wait_ready().await;
+    let log = service.log();
+    assert!(log.contains("deleted and created again"), "{log}");
+    assert!(log.contains("created again without this shard"), "{log}");
+}

@@ -121,7 +121,7 @@ impl Consumers {
 pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consumers: Consumers) {
     actix::spawn(async move {
         let mut shards = list_until_found(&integration).await;
-        let initial = match check_stream_identity(&integration).await {
+        let initial = match check_stream_identity(&integration, true).await {
             StreamIdentity::Recreated => InitialPosition::TrimHorizon,
             StreamIdentity::Same => integration.config.initial_position,
         };
@@ -138,8 +138,6 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
         let interval = Duration::from_millis(integration.pipeline.shard_sync_interval_ms);
         // After a failed listing the next one waits longer, up to a minute.
         let mut wait = interval;
-        // The last listing failed.
-        let mut vanished = false;
         loop {
             supervisor.start_ready(&shards).await;
             integration
@@ -157,15 +155,12 @@ pub fn start(integration: Arc<Integration>, arbiters: Vec<ArbiterHandle>, consum
                 Ok(listed) => {
                     shards = listed;
                     wait = interval;
-                    if std::mem::take(&mut vanished) {
-                        supervisor.stream_back().await;
-                    }
+                    // A stream deleted and created again between two
+                    // listings looks the same by its shards: its creation
+                    // time tells (one DescribeStreamSummary per listing).
+                    supervisor.check_identity(&shards).await;
                 }
                 Err((code, message)) => {
-                    // Whatever kept the stream from being listed (deleted,
-                    // or an endpoint restarted without it), it may come
-                    // back as a new stream under the same name.
-                    vanished = true;
                     wait = (wait * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
                     tracing::warn!(
                         integration = %integration.config.name, stream = %integration.config.stream_name,
@@ -190,22 +185,33 @@ struct ShardSupervisor {
 }
 
 impl ShardSupervisor {
-    /// The stream is listed again after a failed listing: if it is a new
-    /// stream under the same name, its checkpoints are dropped (by the
-    /// identity check), running consumers start their shards afresh from
-    /// TRIM_HORIZON, and shards that had finished are started again when
-    /// the new stream lists them.
-    async fn stream_back(&mut self) {
-        if let StreamIdentity::Recreated = check_stream_identity(&self.integration).await {
-            self.initial = InitialPosition::TrimHorizon;
-            for consumer in self.running.values() {
+    /// After each listing: if the stream is a new one under the same name
+    /// (deleted and created again), its checkpoints are dropped (by the
+    /// identity check); consumers of shards it also has start them afresh
+    /// from TRIM_HORIZON, consumers of shards it does not have stop, and
+    /// shards that had finished are started again when it lists them.
+    async fn check_identity(&mut self, listed: &[ShardInfo]) {
+        let StreamIdentity::Recreated = check_stream_identity(&self.integration, false).await
+        else {
+            return;
+        };
+        self.initial = InitialPosition::TrimHorizon;
+        let name = &self.integration.config.name;
+        for (shard, consumer) in &self.running {
+            if listed.iter().any(|s| &s.id == shard) {
                 consumer.do_send(consumer::StreamRecreated);
+            } else if consumer.connected() {
+                tracing::warn!(integration = %name, shard = %shard,
+                    "the stream was created again without this shard; its consumer stops");
+                consumer.do_send(consumer::Stop);
+                self.integration.status.remove(name, shard);
             }
-            let running = &self.running;
-            self.started
-                .retain(|id| running.get(id).is_some_and(Addr::connected));
-            self.running.retain(|id, _| self.started.contains(id));
         }
+        let running = &self.running;
+        self.started.retain(|id| {
+            listed.iter().any(|s| &s.id == id) && running.get(id).is_some_and(Addr::connected)
+        });
+        self.running.retain(|id, _| self.started.contains(id));
     }
 
     async fn checkpoint(&self, shard: &str) -> Option<crate::store::Checkpoint> {
@@ -325,15 +331,20 @@ enum StreamIdentity {
 /// but its sequence numbers start over: old checkpoints would skip its
 /// records (or be refused), so they are dropped and the new stream is read
 /// from TRIM_HORIZON.
-async fn check_stream_identity(integration: &Integration) -> StreamIdentity {
+async fn check_stream_identity(integration: &Integration, at_start: bool) -> StreamIdentity {
     let config = &integration.config;
     let created = match integration.reader.created_ms(&config.stream_name).await {
         Ok(Some(created)) => created,
         Ok(None) => return StreamIdentity::Same,
-        Err((code, message)) => {
+        Err((code, message)) if at_start => {
             tracing::warn!(integration = %config.name, stream = %config.stream_name,
                 error = %format!("{code}: {message}"),
                 "cannot tell when the stream was created; keeping its checkpoints");
+            return StreamIdentity::Same;
+        }
+        Err((code, message)) => {
+            tracing::debug!(integration = %config.name, stream = %config.stream_name,
+                error = %format!("{code}: {message}"), "cannot tell when the stream was created");
             return StreamIdentity::Same;
         }
     };
