@@ -217,3 +217,48 @@ async fn login_floods_foreign_origins_and_rebound_hosts_are_refused() {
     let response = http.post(&login_url).json(&right).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 429, "locked for the minute");
 }
+
+/// Logins whose clients go away before the answer still count: the check
+/// keeps its place in the limit until its hash is done, so cancelling
+/// requests cannot start more password hashes than the limit allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_logins_still_count_against_the_limit() {
+    let emulator = Emulator::start();
+    let client = emulator.client().await;
+    create_stream(&client, "cancelled", 1).await;
+    let service = Service::start(&Setup::walkthrough("cancelled"), &emulator).await;
+    let login_url = format!("{}/api/auth/login", service.base_url);
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(30))
+        .build()
+        .unwrap();
+    let attempts = (0..40).map(|i| {
+        let (http, url) = (impatient.clone(), login_url.clone());
+        async move {
+            let _ = http
+                .post(url)
+                .json(&json!({"username": "u", "password": format!("wrong{i}")}))
+                .send()
+                .await;
+        }
+    });
+    futures::future::join_all(attempts).await;
+    // The checks of the cancelled requests finish and count as failures.
+    let right = json!({"username": "tenant@thingsboard.org", "password": "tenant"});
+    let status = wait_for("the limit to be reached", Duration::from_secs(30), || {
+        let (http, url, right) = (service.http.clone(), login_url.clone(), right.clone());
+        async move {
+            let status = http
+                .post(url)
+                .json(&right)
+                .send()
+                .await
+                .ok()?
+                .status()
+                .as_u16();
+            (status == 429).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(status, 429);
+}

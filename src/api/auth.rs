@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -57,11 +57,16 @@ struct LoginAttempts {
 }
 
 /// A password check under way (see [`Auth::begin_login`]).
-pub struct Attempt<'a> {
-    auth: &'a Auth,
+pub struct Attempt {
+    auth: Arc<Auth>,
 }
 
-impl Attempt<'_> {
+impl Attempt {
+    /// The credentials the attempt is checked against.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
     /// The password was wrong: counts as a failure for a minute.
     pub fn failed(self) {
         let mut attempts = self.auth.failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -70,7 +75,7 @@ impl Attempt<'_> {
     }
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Attempt {
     fn drop(&mut self) {
         let mut attempts = self.auth.failures.lock().unwrap_or_else(|e| e.into_inner());
         attempts.checking -= 1;
@@ -150,7 +155,7 @@ impl Auth {
     /// a check counts before its (slow) hash is computed, so a burst of
     /// parallel logins gets no more checks than the limit allows. Record
     /// the outcome with [`Attempt::failed`]; dropping it counts as success.
-    pub fn begin_login(&self) -> Option<Attempt<'_>> {
+    pub fn begin_login(self: &Arc<Self>) -> Option<Attempt> {
         let mut attempts = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         while attempts
             .failed
@@ -163,7 +168,7 @@ impl Auth {
             return None;
         }
         attempts.checking += 1;
-        Some(Attempt { auth: self })
+        Some(Attempt { auth: self.clone() })
     }
 
     /// Checks credentials against the argon2 hash (slow by design; the
@@ -419,7 +424,8 @@ mod tests {
     #[test]
     fn logins_are_refused_after_ten_failures_a_minute() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
+        let auth =
+            Arc::new(Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap());
         for _ in 0..9 {
             auth.begin_login().unwrap().failed();
         }
@@ -432,7 +438,8 @@ mod tests {
     #[test]
     fn checks_under_way_count_against_the_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap();
+        let auth =
+            Arc::new(Auth::load(dir.path(), "u".into(), Secret::new("p"), None, 60).unwrap());
         let under_way: Vec<_> = (0..10).map(|_| auth.begin_login().unwrap()).collect();
         assert!(auth.begin_login().is_none(), "an eleventh parallel check");
         drop(under_way);

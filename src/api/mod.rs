@@ -227,14 +227,20 @@ pub fn router(state: ApiState) -> Router {
 /// same-origin. IP addresses and `localhost` are always accepted (a
 /// rebinding needs a name), other names only from `[http] allowed_hosts`.
 async fn check_host(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    let host = request
+    // Every Host header (and the authority of an absolute request target)
+    // must be allowed; one that is not text is not.
+    let mut hosts: Vec<String> = request
         .headers()
-        .get(axum::http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| request.uri().host().map(str::to_string));
-    match host {
-        Some(host) if !host_allowed(&host, &state.allowed_hosts) => {
+        .get_all(axum::http::header::HOST)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not text)").to_string())
+        .collect();
+    hosts.extend(request.uri().authority().map(|a| a.to_string()));
+    match hosts
+        .into_iter()
+        .find(|host| !host_allowed(host, &state.allowed_hosts))
+    {
+        Some(host) => {
             tracing::warn!(host = %host, path = %request.uri().path(), "request refused: Host is not one this server answers to");
             ApiError {
                 status: StatusCode::MISDIRECTED_REQUEST,
@@ -245,20 +251,40 @@ async fn check_host(State(state): State<ApiState>, request: Request, next: Next)
             }
             .into_response()
         }
-        _ => next.run(request).await,
+        None => next.run(request).await,
     }
 }
 
 /// Whether `host` (a Host header: name or address, with or without port)
 /// is an IP address, `localhost`, or one of `allowed`.
 fn host_allowed(host: &str, allowed: &[String]) -> bool {
-    let name = match host.strip_prefix('[') {
-        // [IPv6]:port
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    let (name, port) = match host.strip_prefix('[') {
+        // [IPv6] or [IPv6]:port
+        Some(rest) => match rest.split_once(']') {
+            Some((address, after)) => match after {
+                "" => (address, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (address, Some(port)),
+                    None => return false,
+                },
+            },
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
     };
-    let name = name.trim_end_matches('.');
-    name.parse::<std::net::IpAddr>().is_ok()
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let is_ip = if host.starts_with('[') {
+        name.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+    };
+    is_ip
         || name.eq_ignore_ascii_case("localhost")
         || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
@@ -341,9 +367,12 @@ async fn login(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    // API clients send no Origin; a browser always does on a cross-site
-    // POST, so a page of another site cannot use up the failed-login limit.
-    if headers.contains_key(axum::http::header::ORIGIN) {
+    // API clients send no Origin or Referer; a browser sends Origin on a
+    // cross-site POST (or at least a Referer), so a page of another site
+    // cannot use up the failed-login limit.
+    if headers.contains_key(axum::http::header::ORIGIN)
+        || headers.contains_key(axum::http::header::REFERER)
+    {
         if let Err(reason) = session::same_origin(&headers) {
             return Err(ApiError::forbidden(format!("login refused: {reason}")));
         }
@@ -372,19 +401,28 @@ async fn check_login(state: &ApiState, body: &Bytes) -> ApiResult<String> {
         });
     };
     // argon2 takes tens of milliseconds and megabytes of memory: off the
-    // reactor, and a few at a time.
-    let _permit = state
-        .password_checks
-        .acquire()
-        .await
-        .map_err(ApiError::internal)?;
-    let auth = state.auth.clone();
+    // reactor and a few at a time, in a task of its own that keeps its
+    // place in the limit until the hash is done, also when the client
+    // goes away meanwhile.
+    let checks = state.password_checks.clone();
     let (user, pass) = (username.to_string(), password.to_string());
-    let valid = tokio::task::spawn_blocking(move || auth.check_password(&user, &pass))
+    let check = tokio::spawn(async move {
+        let _permit = checks.acquire_owned().await.ok()?;
+        let auth = attempt.auth().clone();
+        let valid = tokio::task::spawn_blocking(move || auth.check_password(&user, &pass))
+            .await
+            .ok()?;
+        if !valid {
+            attempt.failed();
+        }
+        Some(valid)
+    });
+    let valid = check
         .await
-        .map_err(ApiError::internal)?;
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::internal("the password check failed"))?;
     if !valid {
-        attempt.failed();
         tracing::warn!("failed login");
         return Err(ApiError::unauthorized("Invalid username or password"));
     }
@@ -1142,4 +1180,43 @@ fn escape_label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn hosts_are_addresses_localhost_or_allowed_names() {
+        let allowed = vec!["shardflow.example".to_string()];
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "localhost.:8080",
+            "shardflow.example:443",
+            "Shardflow.Example",
+        ] {
+            assert!(host_allowed(host, &allowed), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "[::1].evil.example",
+            "[::1]x:80",
+            "[::1",
+            "127.0.0.1:1@evil.example",
+            "127.0.0.1:",
+            "127.0.0.1.evil.example",
+            "::1",
+            "",
+            "(not text)",
+        ] {
+            assert!(!host_allowed(host, &allowed), "{host}");
+        }
+    }
 }
