@@ -40,10 +40,6 @@ pub enum JsError {
     OutOfMemory(usize),
     #[error("script result is not JSON-serialisable: {0}")]
     Result(String),
-    /// Not run: the script was stopped at its limits this many times in a
-    /// row, and its calls fail at once for a while.
-    #[error("script not run: it was stopped at its time or memory limit {0} times in a row; it is tried again every few seconds")]
-    Stopped(u32),
 }
 
 /// An argument passed to a script function.
@@ -214,6 +210,11 @@ impl JsRuntime {
         self.engine.functions.contains_key(key)
     }
 
+    /// The runtime's limits.
+    pub fn limits(&self) -> &JsLimits {
+        &self.limits
+    }
+
     /// Forgets the compiled function of `key`.
     pub fn remove(&mut self, key: &str) {
         self.engine.functions.remove(key);
@@ -222,14 +223,24 @@ impl JsRuntime {
     /// Calls a compiled function and returns its result as JSON
     /// (`undefined` becomes `null`).
     pub fn call(&mut self, key: &str, args: &[JsArg<'_>]) -> Result<serde_json::Value, JsError> {
+        self.call_within(key, args, self.limits.call_timeout)
+    }
+
+    /// [`JsRuntime::call`] with a time limit of its own (at most the
+    /// runtime's).
+    pub fn call_within(
+        &mut self,
+        key: &str,
+        args: &[JsArg<'_>],
+        timeout: Duration,
+    ) -> Result<serde_json::Value, JsError> {
+        let timeout = timeout.min(self.limits.call_timeout);
         let function = match self.engine.functions.get(key) {
             Some(f) => f.clone(),
             None => return Err(JsError::Compile(format!("no compiled script `{key}`"))),
         };
         let started = Instant::now();
-        self.engine
-            .deadline
-            .set(Some(started + self.limits.call_timeout));
+        self.engine.deadline.set(Some(started + timeout));
         let max_result_bytes = self.limits.max_result_bytes;
         let prototypes = self.engine.prototypes.clone();
         let result = self.engine.context.with(|ctx| {
@@ -268,7 +279,7 @@ impl JsRuntime {
         match result {
             Err(JsError::Thrown(_)) if timed_out => {
                 self.rebuild();
-                Err(JsError::Timeout(self.limits.call_timeout))
+                Err(JsError::Timeout(timeout))
             }
             Err(JsError::Thrown(message)) | Err(JsError::Result(message))
                 if message.starts_with("InternalError: out of memory") || message == "null" =>

@@ -12,8 +12,9 @@ pub mod js;
 pub mod uplink;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 
@@ -55,18 +56,20 @@ pub struct Script {
     /// Where the script came from (a file, or a chain node), for errors.
     pub origin: String,
     pub body: String,
-    /// Calls that ran past their time or memory limit in a row (on any
-    /// worker), and when the last of them tripped the breaker.
+    /// Calls in a row (on any worker) that ran past their time or memory
+    /// limit.
     stopped_calls: AtomicU32,
-    tripped_ms: AtomicI64,
 }
 
-/// Calls in a row past their time or memory limit that stop a script:
-/// each such call holds a worker for the whole time limit, so a hung
-/// script would otherwise hold every worker for every record it gets.
-const BREAKER_CALLS: u32 = 3;
-/// While stopped, one call in this time tries the script again.
-const BREAKER_PAUSE_MS: i64 = 10_000;
+/// Calls in a row past their time or memory limit that put a script on
+/// probation: each such call holds a worker for the whole time limit, so
+/// a script that hangs on every record would hold every worker for every
+/// record it gets.
+const PROBATION_AFTER: u32 = 3;
+/// The time limit of a call on probation. Calls that end within it take
+/// the script off probation, so records the script handles quickly keep
+/// flowing while those it hangs on fail fast.
+const PROBATION_TIMEOUT: Duration = Duration::from_millis(50);
 
 static NEXT_SCRIPT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -98,47 +101,37 @@ impl Script {
             origin: origin.into(),
             body: body.into(),
             stopped_calls: AtomicU32::new(0),
-            tripped_ms: AtomicI64::new(0),
         })
     }
 
-    /// Whether calls fail at once: the script was stopped at its limits
-    /// `BREAKER_CALLS` times in a row, and the pause before it is tried
-    /// again has not passed. The one call let through after the pause
-    /// closes the breaker if it ends in time, or opens it again.
-    fn breaker_open(&self) -> bool {
-        if self.stopped_calls.load(Ordering::Acquire) < BREAKER_CALLS {
-            return false;
+    /// The time limit of the next call: the runtime's, or the probation
+    /// limit after `PROBATION_AFTER` calls in a row were stopped.
+    fn call_timeout(&self, limit: Duration) -> Duration {
+        if self.stopped_calls.load(Ordering::Acquire) >= PROBATION_AFTER {
+            limit.min(PROBATION_TIMEOUT)
+        } else {
+            limit
         }
-        let now = crate::msg::now_millis();
-        let tripped = self.tripped_ms.load(Ordering::Acquire);
-        if now - tripped < BREAKER_PAUSE_MS {
-            return true;
-        }
-        // Let exactly one caller try it again.
-        self.tripped_ms
-            .compare_exchange(tripped, now, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
     }
 
-    /// Counts a call's outcome for the breaker.
+    /// Counts a call's outcome for probation.
     fn record_call<T>(&self, result: &Result<T, JsError>) {
         match result {
             Err(JsError::Timeout(_) | JsError::OutOfMemory(_)) => {
                 let stopped = self.stopped_calls.fetch_add(1, Ordering::AcqRel) + 1;
-                if stopped >= BREAKER_CALLS {
-                    self.tripped_ms
-                        .store(crate::msg::now_millis(), Ordering::Release);
-                    if stopped == BREAKER_CALLS {
-                        tracing::error!(
-                            script = %self.origin, calls = stopped,
-                            "the script was stopped at its time or memory limit {stopped} times in a row: its calls now fail at once (records become dead letters, to replay once it is fixed); it is tried again every {} s",
-                            BREAKER_PAUSE_MS / 1000
-                        );
-                    }
+                if stopped == PROBATION_AFTER {
+                    tracing::error!(
+                        script = %self.origin, calls = stopped,
+                        "the script was stopped at its time or memory limit {stopped} times in a row: its calls now get {} ms until one ends in time",
+                        PROBATION_TIMEOUT.as_millis()
+                    );
                 }
             }
-            _ => self.stopped_calls.store(0, Ordering::Release),
+            _ => {
+                if self.stopped_calls.swap(0, Ordering::AcqRel) >= PROBATION_AFTER {
+                    tracing::info!(script = %self.origin, "the script ended a call in time: off probation");
+                }
+            }
         }
     }
 }
@@ -282,13 +275,12 @@ impl ConverterWorker {
         })
     }
 
-    /// Calls a compiled script through its breaker.
+    /// Calls a compiled script, with a short time limit while it is on
+    /// probation.
     fn call(&mut self, script: &Script, args: &[JsArg]) -> Result<serde_json::Value, JsError> {
-        if script.breaker_open() {
-            return Err(JsError::Stopped(BREAKER_CALLS));
-        }
         let key = self.ensure_compiled(script)?;
-        let result = self.runtime.call(&key, args);
+        let timeout = script.call_timeout(self.runtime.limits().call_timeout);
+        let result = self.runtime.call_within(&key, args, timeout);
         script.record_call(&result);
         result
     }
@@ -459,51 +451,55 @@ mod tests {
     use std::time::{Duration, Instant};
 
     #[test]
-    fn a_script_that_keeps_hanging_fails_at_once_after_three_stopped_calls() {
+    fn a_script_on_probation_fails_fast_where_it_hangs_and_runs_where_it_does_not() {
         actix::System::new().block_on(async {
             let pool = ConverterWorker::start_pool(
                 1,
                 JsLimits {
-                    call_timeout: Duration::from_millis(100),
+                    call_timeout: Duration::from_millis(500),
                     memory_limit_bytes: 16 << 20,
                     max_result_bytes: 1 << 20,
                 },
             );
-            let hang = Script::new(ScriptKind::Decoder, "hang.js", "while (true) {}");
-            let record = Arc::new(SourceRecord::default());
-            let batch = Decode {
-                script: hang.clone(),
-                records: (0..20)
-                    .map(|_| DecodeInput {
-                        record: record.clone(),
-                    })
-                    .collect(),
-            };
-            let started = Instant::now();
-            let results = pool.send(batch).await.unwrap();
-            let errors: Vec<String> = results
-                .iter()
-                .map(|r| r.as_ref().unwrap_err().to_string())
-                .collect();
-            let timed_out = errors.iter().filter(|e| e.contains("ran longer")).count();
-            let stopped = errors.iter().filter(|e| e.contains("not run")).count();
-            assert_eq!((timed_out, stopped), (3, 17), "{errors:?}");
-            assert!(started.elapsed() < Duration::from_secs(5));
-
-            // Another script (a fixed version) is not held back.
-            let fixed = Script::new(
+            // Hangs on records whose first byte is 'h'.
+            let script = Script::new(
                 ScriptKind::Decoder,
-                "fixed.js",
-                "return {deviceName: 'd', telemetry: {t: 1}};",
+                "picky.js",
+                "if (payload[0] === 104) { while (true) {} } return {deviceName: 'd', telemetry: {t: 1}};",
             );
-            let results = pool
-                .send(Decode {
-                    script: fixed,
-                    records: vec![DecodeInput { record }],
+            let record = |text: &'static str| DecodeInput {
+                record: Arc::new(SourceRecord {
+                    payload: bytes::Bytes::from_static(text.as_bytes()),
+                    ..Default::default()
+                }),
+            };
+            let decode = |inputs: Vec<DecodeInput>| {
+                pool.send(Decode {
+                    script: script.clone(),
+                    records: inputs,
                 })
+            };
+            // Three hangs at the full limit put it on probation; the
+            // next hangs are stopped after 50 ms.
+            let started = Instant::now();
+            let results = decode((0..10).map(|_| record("h")).collect()).await.unwrap();
+            assert!(results.iter().all(Result::is_err));
+            let elapsed = started.elapsed();
+            assert!(
+                elapsed < Duration::from_millis(3 * 500 + 7 * 400),
+                "{elapsed:?}"
+            );
+            let last = results[9].as_ref().unwrap_err().to_string();
+            assert!(last.contains("50ms"), "{last}");
+            // A record it handles ends in time and takes it off probation;
+            // good records between hangs are never dead letters.
+            let mixed = decode(vec![record("h"), record("g"), record("g"), record("h"), record("g")])
                 .await
                 .unwrap();
-            assert!(results[0].is_ok(), "{:?}", results[0]);
+            let ok: Vec<bool> = mixed.iter().map(Result::is_ok).collect();
+            assert_eq!(ok, [false, true, true, false, true]);
+            let full = mixed[3].as_ref().unwrap_err().to_string();
+            assert!(full.contains("500ms"), "off probation again: {full}");
         });
     }
 }
