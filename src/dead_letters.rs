@@ -6,6 +6,7 @@
 //! whose current converters and chain do the work: the command asks its
 //! API, on the address and with the credentials of the config file.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -91,16 +92,19 @@ fn list(config: &Config, limit: usize, unreplayed_only: bool) -> anyhow::Result<
         println!("no dead letters");
         return Ok(());
     }
-    println!(
+    // Written as it goes; a reader that stops early (`| head`) ends the
+    // listing, not the process with a panic.
+    let mut out = std::io::stdout().lock();
+    let mut lines = vec![format!(
         "{:>6}  {:<24}  {:<20}  {:<22}  {:<10}  error",
         "id", "stored", "integration", "shard", "replayed"
-    );
+    )];
     for letter in &letters {
         let mut error = letter.error.replace('\n', " ");
         if error.chars().count() > 100 {
             error = error.chars().take(100).collect::<String>() + "…";
         }
-        println!(
+        lines.push(format!(
             "{:>6}  {:<24}  {:<20}  {:<22}  {:<10}  {error}",
             letter.id,
             iso_time(letter.created_ms),
@@ -111,7 +115,17 @@ fn list(config: &Config, limit: usize, unreplayed_only: bool) -> anyhow::Result<
             } else {
                 "no"
             },
-        );
+        ));
+    }
+    if letters.len() == limit {
+        lines.push(format!(
+            "(the first {limit}; there may be more: --limit N shows more)"
+        ));
+    }
+    for line in lines {
+        if writeln!(out, "{line}").is_err() {
+            return Ok(());
+        }
     }
     Ok(())
 }
