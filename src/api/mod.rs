@@ -414,6 +414,7 @@ async fn check_login(state: &ApiState, body: &Bytes) -> ApiResult<String> {
             .ok()?;
         if !valid {
             attempt.failed();
+            tracing::warn!("failed login");
         }
         Some(valid)
     });
@@ -423,7 +424,6 @@ async fn check_login(state: &ApiState, body: &Bytes) -> ApiResult<String> {
         .flatten()
         .ok_or_else(|| ApiError::internal("the password check failed"))?;
     if !valid {
-        tracing::warn!("failed login");
         return Err(ApiError::unauthorized("Invalid username or password"));
     }
     Ok(username.to_string())
