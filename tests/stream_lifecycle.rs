@@ -234,3 +234,21 @@ async fn a_stream_created_again_quickly_at_latest_loses_nothing_and_drops_gone_s
     assert!(log.contains("deleted and created again"), "{log}");
     assert!(log.contains("created again without this shard"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_fan_out_a_stream_created_again_while_running_is_read_from_its_start() {
+    let emulator = Emulator::start();
+    let kinesis = emulator.client().await;
+    create_stream(&kinesis, "pushed", 1).await;
+    put_many(&kinesis, "pushed", &batch(0, 30)).await;
+    let mut setup = setup("pushed");
+    setup.integration_extra = "use_enhanced_fan_out = true".into();
+    let dir = tempfile::tempdir().unwrap();
+    let service = Service::start_in(dir.path(), &setup, &emulator).await;
+    wait_stored(&service, 30).await;
+
+    recreate(&kinesis, "pushed", 2).await;
+    put_many(&kinesis, "pushed", &batch(30, 70)).await;
+    wait_stored(&service, 70).await;
+    service.wait_ready().await;
+}
