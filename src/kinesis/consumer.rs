@@ -1116,7 +1116,10 @@ impl Handler<StreamRecreated> for ShardConsumer {
     type Result = ();
 
     fn handle(&mut self, _: StreamRecreated, ctx: &mut Context<Self>) {
-        if matches!(self.phase, Phase::Stopped | Phase::Ended) || self.restart_pending {
+        // A shard read to its end starts afresh too: the new stream's shard
+        // of that name is another shard, which must not be recorded as
+        // finished when the old one's last records are done.
+        if self.phase == Phase::Stopped || self.restart_pending {
             return;
         }
         tracing::warn!(
