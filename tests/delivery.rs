@@ -223,25 +223,7 @@ async fn a_stream_deleted_and_created_again_is_read_from_its_start() {
     wait_stored(&service, 50).await;
     assert!(service.stop().success());
 
-    kinesis
-        .delete_stream()
-        .stream_name("again")
-        .send()
-        .await
-        .unwrap();
-    wait_for("stream deleted", Duration::from_secs(30), || async {
-        kinesis
-            .describe_stream_summary()
-            .stream_name("again")
-            .send()
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
-    // Creation times have whole-second resolution in some emulators.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    create_stream(&kinesis, "again", 1).await;
+    recreate_stream(&kinesis, "again", 1).await;
     let fresh: Vec<(String, Vec<u8>)> = (50..60)
         .map(|i| {
             let body = json!({"dev": "dev-0", "ts": BASE_TS + i as i64, "seq": i});

@@ -198,26 +198,7 @@ async fn a_stream_created_again_is_read_from_its_start_under_fan_out() {
     wait_stored(&service, 50).await;
     assert!(service.stop().success());
 
-    kinesis
-        .delete_stream()
-        .stream_name("efo-again")
-        .enforce_consumer_deletion(true)
-        .send()
-        .await
-        .unwrap();
-    wait_for("stream deleted", Duration::from_secs(30), || async {
-        kinesis
-            .describe_stream_summary()
-            .stream_name("efo-again")
-            .send()
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
-    // Creation times have whole-second resolution in the emulator.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    create_stream(&kinesis, "efo-again", 1).await;
+    recreate_stream(&kinesis, "efo-again", 1).await;
     put_many(&kinesis, "efo-again", &batch(50, 60)).await;
 
     let service = Service::start_in(dir.path(), &setup("efo-again"), &emulator).await;

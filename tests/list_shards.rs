@@ -4,6 +4,8 @@
 //! without the stream name, as Kinesis requires) and return every shard
 //! with its parents.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use axum::http::HeaderMap;
@@ -59,16 +61,8 @@ async fn every_page_of_shards_is_listed() {
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let config = aws_sdk_kinesis::Config::builder()
-        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
-        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .endpoint_url(&endpoint)
-        .build();
     let reader = KinesisReader {
-        client: aws_sdk_kinesis::Client::from_conf(config),
+        client: common::kinesis_client(&endpoint),
         io: tokio::runtime::Handle::current(),
     };
     let shards = reader.shards("paged").await.unwrap();

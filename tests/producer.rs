@@ -6,6 +6,8 @@
 //! 5 MiB, the stream's own record size limit is used, and records that can
 //! never be sent fail at once. The real producer actor and AWS SDK run.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -149,15 +151,7 @@ fn rejected_entries_are_retried_alone_in_key_order_within_the_limits() {
     });
     io.spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let config = aws_sdk_kinesis::Config::builder()
-        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
-        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
-        .endpoint_url(&endpoint)
-        .build();
-    let client = aws_sdk_kinesis::Client::from_conf(config);
+    let client = common::kinesis_client(&endpoint);
     let handle = io.handle().clone();
 
     let outcomes = actix::System::new().block_on(async move {

@@ -26,30 +26,6 @@ fn batch(from: usize, to: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn stored(service: &Service) -> i64 {
-    service
-        .db()
-        .query_row(
-            "SELECT count(DISTINCT long_v) FROM ts_kv WHERE key = 'seq'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap()
-}
-
-async fn wait_stored(service: &Service, count: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while stored(service) < count {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stored {} of {count}\n{}",
-            stored(service),
-            service.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn wait_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) {
     wait_for("stream ACTIVE again", Duration::from_secs(30), || async {
         let out = kinesis
@@ -79,7 +55,7 @@ async fn split_and_merge_while_running_lose_nothing_and_read_parents_first() {
     let mut setup = Setup::walkthrough("reshard");
     setup.uplink_converter = CONVERTER.into();
     let service = Service::start(&setup, &emulator).await;
-    wait_stored(&service, 300).await;
+    wait_distinct_seqs(&service, 300).await;
 
     // Split the only shard in two halves of the hash key space.
     kinesis
@@ -92,7 +68,7 @@ async fn split_and_merge_while_running_lose_nothing_and_read_parents_first() {
         .unwrap();
     wait_active(&kinesis, "reshard").await;
     put_many(&kinesis, "reshard", &batch(300, 600)).await;
-    wait_stored(&service, 600).await;
+    wait_distinct_seqs(&service, 600).await;
 
     // Merge the two children back into one.
     let shards = kinesis
@@ -118,7 +94,7 @@ async fn split_and_merge_while_running_lose_nothing_and_read_parents_first() {
         .unwrap();
     wait_active(&kinesis, "reshard").await;
     put_many(&kinesis, "reshard", &batch(600, 900)).await;
-    wait_stored(&service, 900).await;
+    wait_distinct_seqs(&service, 900).await;
 
     let rows: i64 = service
         .db()

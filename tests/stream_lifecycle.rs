@@ -26,30 +26,6 @@ fn batch(from: i64, to: i64) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn stored(service: &Service) -> i64 {
-    service
-        .db()
-        .query_row(
-            "SELECT count(DISTINCT long_v) FROM ts_kv WHERE key = 'seq'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap_or(0)
-}
-
-async fn wait_stored(service: &Service, count: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while stored(service) < count {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stored {} of {count}\n{}",
-            stored(service),
-            service.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn setup(stream: &str) -> Setup {
     let mut setup = Setup::walkthrough(stream);
     setup.uplink_converter = CONVERTER.into();
@@ -91,7 +67,7 @@ async fn a_missing_stream_is_named_with_its_region_and_read_once_created() {
 
     create_stream(&kinesis, "late", 2).await;
     put_many(&kinesis, "late", &batch(0, 40)).await;
-    wait_stored(&service, 40).await;
+    wait_distinct_seqs(&service, 40).await;
     service.wait_ready().await;
 }
 
@@ -103,7 +79,7 @@ async fn a_stream_deleted_while_running_is_retried_without_spinning_and_read_whe
     put_many(&kinesis, "vanishing", &batch(0, 30)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut service = Service::start_in(dir.path(), &setup("vanishing"), &emulator).await;
-    wait_stored(&service, 30).await;
+    wait_distinct_seqs(&service, 30).await;
 
     kinesis
         .delete_stream()
@@ -137,7 +113,7 @@ async fn a_stream_deleted_while_running_is_retried_without_spinning_and_read_whe
     // start; the old checkpoint does not hide them.
     create_stream(&kinesis, "vanishing", 1).await;
     put_many(&kinesis, "vanishing", &batch(30, 50)).await;
-    wait_stored(&service, 50).await;
+    wait_distinct_seqs(&service, 50).await;
     let rows: i64 = service
         .db()
         .query_row("SELECT count(*) FROM ts_kv WHERE key = 'seq'", [], |r| {
@@ -163,7 +139,7 @@ async fn a_restarted_endpoint_with_the_stream_created_anew_is_read_from_its_star
     put_many(&kinesis, "reborn", &batch(0, 30)).await;
     let dir = tempfile::tempdir().unwrap();
     let service = Service::start_in(dir.path(), &setup("reborn"), &emulator).await;
-    wait_stored(&service, 30).await;
+    wait_distinct_seqs(&service, 30).await;
 
     // The endpoint goes away and comes back empty; the stream is created
     // again. Its sequence numbers may well be above the old checkpoint, so
@@ -179,33 +155,11 @@ async fn a_restarted_endpoint_with_the_stream_created_anew_is_read_from_its_star
         async move { log.contains("deleted and created again").then_some(()) }
     })
     .await;
-    wait_stored(&service, 50).await;
+    wait_distinct_seqs(&service, 50).await;
     // Read afresh: what came before the restart is read again, at least
     // once, never skipped.
     put_many(&kinesis, "reborn", &batch(50, 60)).await;
-    wait_stored(&service, 60).await;
-}
-
-async fn recreate(kinesis: &aws_sdk_kinesis::Client, stream: &str, shards: i32) {
-    kinesis
-        .delete_stream()
-        .stream_name(stream)
-        .send()
-        .await
-        .unwrap();
-    wait_for("stream deleted", Duration::from_secs(30), || async {
-        kinesis
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
-    // Creation times may have whole-second resolution.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    create_stream(kinesis, stream, shards).await;
+    wait_distinct_seqs(&service, 60).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,15 +174,15 @@ async fn a_stream_created_again_quickly_at_latest_loses_nothing_and_drops_gone_s
 
     // Gone and back between two listings, with more shards: every record
     // put into the new stream is read, also on the shard that is new.
-    recreate(&kinesis, "quick", 3).await;
+    recreate_stream(&kinesis, "quick", 3).await;
     put_many(&kinesis, "quick", &batch(0, 60)).await;
-    wait_stored(&service, 60).await;
+    wait_distinct_seqs(&service, 60).await;
 
     // Back with fewer shards: the consumers of shards it lacks stop, and
     // the service is ready again.
-    recreate(&kinesis, "quick", 1).await;
+    recreate_stream(&kinesis, "quick", 1).await;
     put_many(&kinesis, "quick", &batch(60, 80)).await;
-    wait_stored(&service, 80).await;
+    wait_distinct_seqs(&service, 80).await;
     service.wait_ready().await;
     let log = service.log();
     assert!(log.contains("deleted and created again"), "{log}");
@@ -245,10 +199,10 @@ async fn under_fan_out_a_stream_created_again_while_running_is_read_from_its_sta
     setup.integration_extra = "use_enhanced_fan_out = true".into();
     let dir = tempfile::tempdir().unwrap();
     let service = Service::start_in(dir.path(), &setup, &emulator).await;
-    wait_stored(&service, 30).await;
+    wait_distinct_seqs(&service, 30).await;
 
-    recreate(&kinesis, "pushed", 2).await;
+    recreate_stream(&kinesis, "pushed", 2).await;
     put_many(&kinesis, "pushed", &batch(30, 70)).await;
-    wait_stored(&service, 70).await;
+    wait_distinct_seqs(&service, 70).await;
     service.wait_ready().await;
 }

@@ -83,15 +83,7 @@ impl Emulator {
     }
 
     pub async fn client(&self) -> Client {
-        let config = aws_sdk_kinesis::Config::builder()
-            .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
-            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
-                "test", "test", None, None, "test",
-            ))
-            .endpoint_url(&self.endpoint)
-            .build();
-        Client::from_conf(config)
+        kinesis_client(&self.endpoint)
     }
 }
 
@@ -766,4 +758,68 @@ fn clock_ticks_per_second() -> u64 {
         .trim()
         .parse()
         .unwrap_or(100)
+}
+
+/// A Kinesis client for a local endpoint, with test credentials.
+pub fn kinesis_client(endpoint: &str) -> Client {
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .endpoint_url(endpoint)
+        .build();
+    Client::from_conf(config)
+}
+
+/// Deletes a stream (and its stream consumers), waits until it is gone,
+/// and creates it again with `shards` shards.
+pub async fn recreate_stream(client: &Client, stream: &str, shards: i32) {
+    client
+        .delete_stream()
+        .stream_name(stream)
+        .enforce_consumer_deletion(true)
+        .send()
+        .await
+        .unwrap();
+    wait_for("stream deleted", Duration::from_secs(30), || async {
+        client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Creation times have whole-second resolution in some emulators.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    create_stream(client, stream, shards).await;
+}
+
+/// How many distinct values of the telemetry key `seq` are stored.
+pub fn distinct_seqs(service: &Service) -> i64 {
+    service
+        .db()
+        .query_row(
+            "SELECT count(DISTINCT long_v) FROM ts_kv WHERE key = 'seq'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
+/// Waits (90 s at most) until `count` distinct `seq` values are stored.
+pub async fn wait_distinct_seqs(service: &Service, count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while distinct_seqs(service) < count {
+        assert!(
+            Instant::now() < deadline,
+            "stored {} of {count}\n{}",
+            distinct_seqs(service),
+            service.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
