@@ -526,6 +526,36 @@ async fn put_backlog(
     Ok(())
 }
 
+/// Runs `drain(client, shard, seen)` on every shard of the stream at once
+/// until `total` records are seen; returns records per second.
+async fn drain_each_shard<F, Fut>(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    total: usize,
+    drain: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn(aws_sdk_kinesis::Client, String, Arc<AtomicUsize>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let shards = crate::kinesis::list_shards(client, stream)
+        .await
+        .map_err(|(c, m)| anyhow::anyhow!("{c}: {m}"))?;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks = shards.iter().map(|shard| {
+        tokio::spawn(drain(
+            client.clone(),
+            shard.shard_id().to_string(),
+            seen.clone(),
+        ))
+    });
+    for task in futures::future::join_all(tasks).await {
+        task??;
+    }
+    Ok(seen.load(Ordering::Relaxed).min(total) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Drains a stream with a plain GetRecords loop per shard, paced like the
 /// consumer (one call per 200 ms per shard), doing nothing with records.
 async fn plain_drain(
@@ -533,19 +563,9 @@ async fn plain_drain(
     stream: &str,
     total: usize,
 ) -> anyhow::Result<f64> {
-    let shards = crate::kinesis::list_shards(client, stream)
-        .await
-        .map_err(|(c, m)| anyhow::anyhow!("{c}: {m}"))?;
-    let seen = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks = shards.iter().map(|shard| {
-        let (client, stream, shard, seen) = (
-            client.clone(),
-            stream.to_string(),
-            shard.shard_id().to_string(),
-            seen.clone(),
-        );
-        tokio::spawn(async move {
+    drain_each_shard(client, stream, total, |client, shard, seen| {
+        let stream = stream.to_string();
+        async move {
             let mut iterator = client
                 .get_shard_iterator()
                 .stream_name(&stream)
@@ -571,67 +591,28 @@ async fn plain_drain(
                 let pause = Duration::from_millis(200).saturating_sub(call.elapsed());
                 tokio::time::sleep(pause).await;
             }
-            Ok::<_, anyhow::Error>(())
-        })
-    });
-    for task in futures::future::join_all(tasks).await {
-        task??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Drains a stream with one SubscribeToShard subscription per shard from
-/// TRIM_HORIZON (renewed when it ends), doing nothing with records.
+/// TRIM_HORIZON, doing nothing with records. The stream consumer is
+/// registered as shardflow registers its own.
 async fn plain_fan_out_drain(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
     total: usize,
 ) -> anyhow::Result<f64> {
     use aws_sdk_kinesis::types::{StartingPosition, SubscribeToShardEventStream};
-    let stream_arn = client
-        .describe_stream_summary()
-        .stream_name(stream)
-        .send()
-        .await?
-        .stream_description_summary()
-        .map(|s| s.stream_arn().to_string())
-        .context("no stream description")?;
     let name = format!("bench-plain-{}", crate::msg::now_millis());
-    let consumer = client
-        .register_stream_consumer()
-        .stream_arn(&stream_arn)
-        .consumer_name(&name)
-        .send()
-        .await?
-        .consumer()
-        .map(|c| c.consumer_arn().to_string())
-        .context("no consumer")?;
-    loop {
-        let status = client
-            .describe_stream_consumer()
-            .consumer_arn(&consumer)
-            .send()
-            .await?
-            .consumer_description()
-            .map(|c| c.consumer_status().as_str().to_string());
-        if status.as_deref() == Some("ACTIVE") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let shards = crate::kinesis::list_shards(client, stream)
+    let consumer = crate::kinesis::fan_out::register(client, stream, &name, "bench")
         .await
         .map_err(|(c, m)| anyhow::anyhow!("{c}: {m}"))?;
-    let seen = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks = shards.iter().map(|shard| {
-        let (client, consumer, shard, seen) = (
-            client.clone(),
-            consumer.clone(),
-            shard.shard_id().to_string(),
-            seen.clone(),
-        );
-        tokio::spawn(async move {
+    drain_each_shard(client, stream, total, |client, shard, seen| {
+        let consumer = consumer.clone();
+        async move {
             let from = StartingPosition::builder()
                 .r#type(ShardIteratorType::TrimHorizon)
                 .build()?;
@@ -651,13 +632,10 @@ async fn plain_fan_out_drain(
                     None => break,
                 }
             }
-            Ok::<_, anyhow::Error>(())
-        })
-    });
-    for task in futures::future::join_all(tasks).await {
-        task??;
-    }
-    Ok(seen.load(Ordering::Relaxed).min(total) as f64 / started.elapsed().as_secs_f64())
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Put-to-stored latency: records put one at a time at `rate` per second.

@@ -5,10 +5,12 @@
 //! a push stream faster than the pipeline (the window must stop the reading).
 //! The real fan-out reader, consumer, converter pool, chain and store run.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -16,7 +18,6 @@ use futures::StreamExt;
 use shardflow::config::Config;
 use shardflow::kinesis::fan_out::{FanOutApi, FanOutEvent, FanOutReader, Subscription};
 use shardflow::kinesis::reader::{Fetched, Position, RawRecord, ReadError, ShardInfo, ShardReader};
-use shardflow::service::Pipeline;
 use shardflow::store::Store;
 
 const SHARD: &str = "shardId-000000000000";
@@ -172,34 +173,13 @@ impl FanOutApi for StandIn {
 }
 
 fn config(dir: &std::path::Path, converter: &str, pipeline: &str) -> Config {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(dir.join("converters")).unwrap();
-    std::fs::write(dir.join("converters/up.js"), converter).unwrap();
-    std::fs::copy(root.join("rulechains/root.json"), dir.join("root.json")).unwrap();
-    std::fs::copy(
-        root.join("converters/kinesis_downlink_version.js"),
-        dir.join("converters/down.js"),
+    common::standin::workspace(
+        dir,
+        "pushed",
+        converter,
+        &format!("[pipeline]\n{pipeline}"),
+        "initial_position = \"TRIM_HORIZON\"\nuse_enhanced_fan_out = true",
     )
-    .unwrap();
-    let text = format!(
-        r#"
-        root_chain = "root.json"
-        [pipeline]
-        {pipeline}
-        [[integration]]
-        name = "kinesis_integration"
-        uplink_converter = "converters/up.js"
-        downlink_converter = "converters/down.js"
-        stream_name = "pushed"
-        access_key_id = "test"
-        secret_access_key = "test"
-        initial_position = "TRIM_HORIZON"
-        use_enhanced_fan_out = true
-        endpoint_url = "http://127.0.0.1:9"
-    "#
-    );
-    std::fs::write(dir.join("shardflow.toml"), text).unwrap();
-    Config::load(&dir.join("shardflow.toml")).unwrap()
 }
 
 const CONVERTER: &str = r#"
@@ -210,50 +190,28 @@ return { deviceName: "d", telemetry: { ts: 1700000000000 + data.seq, values: { s
 /// Runs the pipeline on the stand-in until `until` holds; `sample` is
 /// called with the records done on every check.
 fn run(
-    dir: &std::path::Path,
     config: Config,
     stand_in: Arc<StandIn>,
     mut sample: impl FnMut(u64),
     until: impl Fn(&Store, u64) -> bool,
 ) -> Store {
-    let source = shardflow::service::preflight(&config).unwrap();
-    let store = Store::open(&dir.join("data")).unwrap();
-    let io = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = io.handle().clone();
-    let kept = store.clone();
-    actix::System::new().block_on(async move {
-        let factory_io = handle.clone();
-        let factory = move |c: &shardflow::config::IntegrationConfig,
-                            _: &aws_sdk_kinesis::Client| {
+    common::standin::run_until(
+        &config,
+        move |c, io| {
             Arc::new(FanOutReader::new(
                 Arc::new(OneShard),
                 stand_in.clone(),
                 &c.stream_name,
                 &c.application_name,
                 &c.name,
-                factory_io.clone(),
+                io.clone(),
             )) as Arc<dyn ShardReader>
-        };
-        let pipeline = Pipeline::start(&config, source, store.clone(), handle, &factory)
-            .await
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let done = pipeline.status.records_done.load(Ordering::SeqCst);
+        },
+        |store, done| {
             sample(done);
-            if until(&store, done) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "records done: {done}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        pipeline.stop().await.unwrap();
-    });
-    kept
+            until(store, done)
+        },
+    )
 }
 
 fn shard_end(store: &Store) -> bool {
@@ -277,7 +235,6 @@ fn early_ends_refused_renewals_and_broken_subscriptions_lose_and_repeat_nothing(
     ];
     let stand_in = Arc::new(StandIn::new(TOTAL, 7, &script));
     let store = run(
-        dir.path(),
         config,
         stand_in.clone(),
         |_| {},
@@ -325,7 +282,6 @@ fn a_full_window_stops_reading_the_push_stream() {
     let pulled = stand_in.pulled.clone();
     let mut worst = 0u64;
     let store = run(
-        dir.path(),
         config,
         stand_in,
         |done| {

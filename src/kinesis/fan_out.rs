@@ -180,7 +180,7 @@ fn starting_position(from: &Position) -> StartingPosition {
 
 /// Registers the stream consumer, or finds it, and waits until it is
 /// ACTIVE.
-async fn register(
+pub(crate) async fn register(
     client: &Client,
     stream: &str,
     name: &str,

@@ -141,23 +141,29 @@ pub async fn put(client: &Client, stream: &str, partition_key: &str, data: &[u8]
         .to_string()
 }
 
+/// PutRecords entries of (partition key, data) pairs.
+fn entries<'a>(
+    records: impl IntoIterator<Item = &'a (String, Vec<u8>)>,
+) -> Vec<aws_sdk_kinesis::types::PutRecordsRequestEntry> {
+    records
+        .into_iter()
+        .map(|(key, data)| {
+            aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                .partition_key(key)
+                .data(Blob::new(data.clone()))
+                .build()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// Puts many records with PutRecords, in batches of up to 500.
 pub async fn put_many(client: &Client, stream: &str, records: &[(String, Vec<u8>)]) {
     for chunk in records.chunks(500) {
-        let entries = chunk
-            .iter()
-            .map(|(key, data)| {
-                aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
-                    .partition_key(key)
-                    .data(Blob::new(data.clone()))
-                    .build()
-                    .unwrap()
-            })
-            .collect();
         let out = client
             .put_records()
             .stream_name(stream)
-            .set_records(Some(entries))
+            .set_records(Some(entries(chunk)))
             .send()
             .await
             .expect("put records");
@@ -267,20 +273,10 @@ pub async fn put_many_retrying(client: &Client, stream: &str, records: &[(String
         let deadline = Instant::now() + Duration::from_secs(120);
         while !pending.is_empty() {
             assert!(Instant::now() < deadline, "records not accepted in time");
-            let entries = pending
-                .iter()
-                .map(|(key, data)| {
-                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
-                        .partition_key(key)
-                        .data(Blob::new(data.clone()))
-                        .build()
-                        .unwrap()
-                })
-                .collect();
             let out = client
                 .put_records()
                 .stream_name(stream)
-                .set_records(Some(entries))
+                .set_records(Some(entries(pending.iter().copied())))
                 .send()
                 .await
                 .expect("put records");
